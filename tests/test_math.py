@@ -1,0 +1,166 @@
+"""covjax.rewards.math: answer extraction, math-verify equivalence, the hard per-check timeout."""
+
+import time
+
+import pytest
+
+from covjax.rewards import math as math_reward
+
+# (response, ground truth, expected reward): each expectation is the mathematical truth.
+CASES = [
+    # fractions
+    (r"The answer is \boxed{\frac{1}{2}}.", "1/2", 1.0),
+    (r"\boxed{\dfrac{3}{4}}", r"\frac{3}{4}", 1.0),
+    (r"\boxed{\tfrac{3}{4}}", "0.75", 1.0),
+    (r"\boxed{\frac{6}{8}}", r"\frac34", 1.0),
+    (r"\boxed{\frac{2}{3}}", r"\frac{3}{2}", 0.0),
+    (r"\boxed{-\frac{1}{2}}", r"\frac{1}{2}", 0.0),
+    (r"\boxed{\frac{-1}{2}}", r"-\frac{1}{2}", 1.0),
+    (r"\boxed{1/3}", r"\frac{1}{3}", 1.0),
+    # decimals
+    (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
+    (r"\boxed{2.50}", "2.5", 1.0),
+    (r"\boxed{3.14}", r"\pi", 0.0),
+    (r"\boxed{0.333}", r"\frac{1}{3}", 0.0),
+    (r"\boxed{1.25}", "1.2", 0.0),
+    (r"\boxed{100}", "100.0", 1.0),
+    (r"\boxed{1,000}", "1000", 1.0),
+    # integers
+    (r"\boxed{42}", "42", 1.0),
+    (r"\boxed{41}", "42", 0.0),
+    (r"\boxed{-7}", "7", 0.0),
+    (r"\boxed{007}", "7", 1.0),
+    # roots and latex forms
+    (r"\boxed{2\sqrt{2}}", r"\sqrt{8}", 1.0),
+    (r"\boxed{\sqrt{2}/2}", r"\frac{\sqrt{2}}{2}", 1.0),
+    (r"\boxed{\frac{1}{\sqrt{2}}}", r"\frac{\sqrt2}{2}", 1.0),
+    (r"\boxed{\sqrt{3}}", r"\sqrt{2}", 0.0),
+    (r"\boxed{3+2\sqrt{2}}", r"(1+\sqrt{2})^2", 1.0),
+    (r"\boxed{\pi/2}", r"\frac{\pi}{2}", 1.0),
+    (r"\boxed{2^{10}}", "1024", 1.0),
+    (r"\boxed{\left(\frac{1}{2}\right)^{2}}", "0.25", 1.0),
+    (r"\boxed{x^2+2x+1}", r"(x+1)^2", 1.0),
+    (r"\boxed{x^2+1}", r"(x+1)^2", 0.0),
+    (r"\boxed{\binom{5}{2}}", "10", 1.0),
+    (r"\boxed{\frac{10}{4}}", "2.5", 1.0),
+    # intervals
+    (r"\boxed{(1, 2]}", "(1,2]", 1.0),
+    (r"\boxed{[1, 2]}", "(1,2]", 0.0),
+    (r"\boxed{(-\infty, 3)}", r"(-\infty,3)", 1.0),
+    (r"\boxed{(-\infty, 3]}", r"(-\infty,3)", 0.0),
+    (r"\boxed{[0,1)\cup(1,2]}", r"[0,1)\cup(1,2]", 1.0),
+    (r"\boxed{[0,2]}", r"[0,1)\cup(1,2]", 0.0),
+    # sets and tuples
+    (r"\boxed{\{1, 2, 3\}}", r"\{3,2,1\}", 1.0),
+    (r"\boxed{\{1, 2\}}", r"\{1,2,3\}", 0.0),
+    (r"\boxed{1, 2}", "2, 1", 1.0),
+    (r"\boxed{(3, 4)}", "(3,4)", 1.0),
+    (r"\boxed{(4, 3)}", "(3,4)", 0.0),
+    # units and degrees
+    (r"\boxed{30^\circ}", "30", 1.0),
+    (r"\boxed{30}", r"30^\circ", 1.0),
+    (r"\boxed{45^{\circ}}", r"30^\circ", 0.0),
+    (r"\boxed{5\text{ cm}}", "5", 1.0),
+    (r"\boxed{12 \text{ inches}}", "12", 1.0),
+    (r"\boxed{12 \text{ inches}}", "13", 0.0),
+    (r"\boxed{\$18.90}", "18.90", 1.0),
+    (r"\boxed{20\%}", r"20\%", 1.0),
+    (r"\boxed{\text{(B)}}", "B", 1.0),
+    (r"\boxed{\text{(C)}}", "B", 0.0),
+    # equations
+    (r"\boxed{x=3}", "3", 1.0),
+    (r"\boxed{y = 2x + 1}", "y=2x+1", 1.0),
+    # no box
+    ("The answer is 42.", "42", 0.0),
+    ("", "42", 0.0),
+    (r"I think \boxed{42", "42", 0.0),
+    # several boxes: the last wins
+    (r"First \boxed{41}, no wait, \boxed{42}.", "42", 1.0),
+    (r"First \boxed{42}, no wait, \boxed{41}.", "42", 0.0),
+    (r"\boxed{42} and then a truncated \boxed{4", "42", 1.0),
+    # nested braces
+    (r"\boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt3}{2}", 1.0),
+    (r"\boxed{{{7}}}", "7", 1.0),
+    (r"\boxed{\frac{1}{\frac{1}{2}}}", "2", 1.0),
+    # boxed inside text and fbox
+    (r"So the total is $\boxed{18}$ dollars in all.", "18", 1.0),
+    (r"Therefore $x = \boxed{-2}$ is the only root.", "-2", 1.0),
+    (r"\fbox{12}", "12", 1.0),
+    (r"\boxed 12", "12", 0.0),
+    # Answer: lines (the DAPO prompt's format)
+    ("Step 1 ...\nAnswer: 34", "34", 1.0),
+    ("Reasoning.\nAnswer: $\\frac{1}{2}$", "0.5", 1.0),
+    ("answer: 33\nwait.\nAnswer: 34.", "34", 1.0),
+    ("Answer: 33", "34", 0.0),
+    ("Maybe \\boxed{3} at first.\nAnswer: 5", "5", 1.0),
+    ("Answer: 5\nCheck: \\boxed{3}", "5", 0.0),
+    ("Answer: \\boxed{\\frac{1}{2}} (checked)", "0.5", 1.0),
+    # ground truth written with $...$ or a box
+    (r"\boxed{5}", "$5$", 1.0),
+    (r"\boxed{5}", r"\boxed{5}", 1.0),
+]
+
+# sympy does not finish evaluating this power tower (measured: still running after 60 s).
+PATHOLOGICAL = r"\boxed{9^{9^{9^{9}}}}"
+
+
+def test_table_of_answers():
+    assert len(CASES) >= 60
+    responses, truths, expected = zip(*CASES, strict=True)
+    scores = math_reward.score_batch(responses, truths, num_workers=2, timeout_s=30.0)
+    mismatches = [(c, s) for c, s in zip(CASES, scores, strict=True) if s != c[2]]
+    assert mismatches == []
+
+
+def test_extract_answer():
+    assert math_reward.extract_answer(r"a \boxed{\frac{1}{2}} b \fbox{x^{2}}") == "x^{2}"
+    assert math_reward.extract_answer(r"\boxed{ $5$. }") == "5"
+    assert math_reward.extract_answer(r"\boxed{\boxed{5}}") == "5"
+    assert math_reward.extract_answer("Answer: $7$.\n") == "7"
+    assert math_reward.extract_answer("no final answer") is None
+
+
+def test_reward_values_and_compute_score():
+    assert math_reward.compute_score(r"\boxed{2}", "2", correct=1.0, incorrect=-1.0) == 1.0
+    assert math_reward.compute_score(r"\boxed{3}", "2", correct=1.0, incorrect=-1.0) == -1.0
+    assert math_reward.compute_score("no answer", "2", correct=1.0, incorrect=-1.0) == -1.0
+    assert math_reward.compute_score(r"\boxed{2}", "2") == 1.0
+    assert math_reward.compute_score(r"\boxed{3}", "2") == 0.0
+
+
+def test_timeout_kills_the_stuck_worker_and_keeps_order():
+    pool = math_reward.shared_pool(2)
+    pool.check([r"\boxed{1}"] * 2, ["1"] * 2, timeout_s=30.0)  # workers started and warm
+    restarts = pool.num_restarts
+    limit = 1.0
+    responses = [r"\boxed{1}", PATHOLOGICAL, r"\boxed{3}", r"\boxed{5}", r"\boxed{4}"]
+    truths = ["1", "1", "3", "4", "4"]
+    start = time.monotonic()
+    scores = math_reward.score_batch(
+        responses, truths, correct=1.0, incorrect=-1.0, num_workers=2, timeout_s=limit
+    )
+    elapsed = time.monotonic() - start
+    assert scores == [1.0, -1.0, 1.0, -1.0, 1.0]
+    assert pool.num_restarts == restarts + 1  # the deadline fired, not a quick False
+    # Correctness of the deadline, not a speed target: without it the call never returns.
+    # The slack covers the other items and a replacement worker's start-up on a loaded machine.
+    assert elapsed < limit + 20.0
+    # The replacement worker serves later calls.
+    assert math_reward.score_batch([r"\boxed{8}"] * 3, ["8"] * 3, num_workers=2) == [1.0] * 3
+
+
+def test_batch_order_preserved():
+    answers = [str(i) for i in range(24)]
+    responses = [rf"\boxed{{{a}}}" for a in answers]
+    truths = [a if i % 3 else str(int(a) + 1) for i, a in enumerate(answers)]
+    expected = [0.0 if i % 3 == 0 else 1.0 for i in range(24)]
+    assert math_reward.score_batch(responses, truths, num_workers=2) == expected
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="length"):
+        math_reward.score_batch(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="timeout_s"):
+        math_reward.score_batch(["a"], ["a"], timeout_s=0)
+    with pytest.raises(ValueError, match="num_workers"):
+        math_reward.VerifierPool(0)
