@@ -31,6 +31,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from covjax.losses import token_covariance
+
 Array = jax.Array
 
 
@@ -56,11 +58,9 @@ def exact_predicted_change(logits: Array, action_advantages: Array, *, eta: floa
 
 
 def _masked_covariance(x: Array, y: Array, mask: Array) -> Array:
-    """sum(m (x - mean x)(y - mean y)) / sum(m), means over the valid tokens (0 if none)."""
-    count = jnp.maximum(jnp.sum(mask), 1.0)
-    x_centred = x - jnp.sum(x * mask) / count
-    y_centred = y - jnp.sum(y * mask) / count
-    return jnp.sum(x_centred * y_centred * mask) / count
+    """Cov_t(x, y) over the valid tokens: the token mean of Eq. 10's per-token covariance."""
+    cov = token_covariance(x, y, mask)
+    return jnp.sum(cov) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def predicted_entropy_change(logp: Array, advantages: Array, mask: Array, *, eta: float | Array
