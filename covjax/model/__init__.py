@@ -1,0 +1,18 @@
+"""Flax decoder LM (Qwen2/Qwen2.5, Llama 3.x, Mistral), its config, and Hugging Face I/O."""
+
+from covjax.model.config import HF_ARCHITECTURES, ModelConfig
+from covjax.model.hf import from_pretrained, hf_state_dict, load_tokenizer, save_pretrained
+from covjax.model.transformer import Block, KVCache, Transformer, init_cache
+
+__all__ = [
+    "HF_ARCHITECTURES",
+    "Block",
+    "KVCache",
+    "ModelConfig",
+    "Transformer",
+    "from_pretrained",
+    "hf_state_dict",
+    "init_cache",
+    "load_tokenizer",
+    "save_pretrained",
+]

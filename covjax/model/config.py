@@ -1,0 +1,218 @@
+"""Model hyper-parameters, read from and written back to a Hugging Face `config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+# Hugging Face class name -> our architecture name. DeepSeek-Math-7B is a LlamaForCausalLM.
+HF_ARCHITECTURES = {
+    "Qwen2ForCausalLM": "qwen2",
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+}
+_HF_NAME = {v: k for k, v in HF_ARCHITECTURES.items()}
+REMAT_POLICIES = ("none", "layer", "dots")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a decoder-only LM (Qwen2/Qwen2.5, Llama 3.x, Mistral).
+
+    `param_dtype` is the storage dtype of the weights (float32 = the learner's master weights);
+    `compute_dtype` is the dtype of the matmuls (bfloat16 on accelerators). Norms, softmax and
+    logits are always float32. `remat`: "none", "layer" (recompute each block in the backward
+    pass) or "dots" (per block, keep matmul outputs and recompute the rest).
+    `scan_layers` stacks the blocks and runs them with `lax.scan`, so compile time is flat in
+    depth. `sliding_window` (Mistral) is accepted only where it cannot change the result: a
+    forward over more keys than the window raises.
+    """
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    max_position_embeddings: int = 4096
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = True
+    attention_out_bias: bool = False
+    sliding_window: int | None = None
+    attention_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.architecture not in _HF_NAME:
+            raise ValueError(
+                f"architecture={self.architecture!r} is not supported; use one of "
+                f"{sorted(_HF_NAME)}"
+            )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; use one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl={self.attention_impl!r}; use one of {ATTENTION_IMPLS}"
+            )
+        for name in ("param_dtype", "compute_dtype"):
+            value = getattr(self, name)
+            if value not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"ModelConfig.{name}={value!r}; use float32, bfloat16 or float16")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(
+                f"rope_scaling rope_type={rope_type!r} is not supported; use 'default' or 'llama3'"
+            )
+
+    def __hash__(self) -> int:
+        # rope_scaling is a dict; hash its items so configs can be static jit/nnx metadata.
+        fields = dataclasses.astuple(self)
+        scaling = tuple(sorted((self.rope_scaling or {}).items()))
+        return hash(tuple(scaling if isinstance(f, dict) else f for f in fields))
+
+    @property
+    def jnp_param_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def jnp_compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.compute_dtype)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf_config(cls, hf: dict, **overrides: Any) -> ModelConfig:
+        """Builds a config from a parsed Hugging Face `config.json` (transformers 4.x or 5.x keys).
+
+        `overrides` set the fields that HF does not store (dtypes, remat, scan_layers, ...).
+        """
+        archs = hf.get("architectures") or []
+        arch_name = archs[0] if archs else None
+        if arch_name not in HF_ARCHITECTURES:
+            raise ValueError(
+                f"config.json architectures={archs!r} is not supported; supported: "
+                f"{sorted(HF_ARCHITECTURES)}"
+            )
+        architecture = HF_ARCHITECTURES[arch_name]
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ):
+            if key not in hf:
+                raise ValueError(f"config.json has no field {key!r}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(
+                f"config.json hidden_act={hf['hidden_act']!r}; only 'silu' is supported"
+            )
+        if hf.get("mlp_bias", False):
+            raise ValueError("config.json mlp_bias=True is not supported")
+        # transformers 5 folds rope_theta and rope_scaling into rope_parameters.
+        rope = dict(hf.get("rope_parameters") or {})
+        rope_theta = float(hf.get("rope_theta", rope.pop("rope_theta", 10000.0)))
+        rope.pop("rope_theta", None)
+        scaling = hf.get("rope_scaling") or (rope or None)
+        if scaling is not None:
+            scaling = dict(scaling)
+            if "type" in scaling and "rope_type" not in scaling:
+                scaling["rope_type"] = scaling.pop("type")
+            if scaling.get("rope_type", "default") == "default":
+                scaling = None
+        heads = hf["num_attention_heads"]
+        if architecture == "qwen2":
+            attention_bias, out_bias = True, False
+            window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
+        else:
+            attention_bias = bool(hf.get("attention_bias", False))
+            out_bias = attention_bias
+            window = hf.get("sliding_window") if architecture == "mistral" else None
+        fields = dict(
+            architecture=architecture,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rope_theta=rope_theta,
+            rope_scaling=scaling,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=attention_bias,
+            attention_out_bias=out_bias,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            sliding_window=window,
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_hf_config(self) -> dict:
+        """The `config.json` dict that transformers' AutoConfig reads back to this model."""
+        if self.architecture == "qwen2" and not (
+            self.attention_bias and not self.attention_out_bias
+        ):
+            raise ValueError(
+                "a qwen2 config must have attention_bias=True, attention_out_bias=False"
+            )
+        if self.architecture != "qwen2" and self.attention_bias != self.attention_out_bias:
+            raise ValueError(f"{self.architecture} has one attention_bias flag for q/k/v/o")
+        hf = {
+            "architectures": [_HF_NAME[self.architecture]],
+            "model_type": self.architecture,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": self.param_dtype,
+            "use_cache": True,
+        }
+        if self.architecture == "qwen2":
+            hf["use_sliding_window"] = self.sliding_window is not None
+            hf["sliding_window"] = self.sliding_window
+        else:
+            hf["attention_bias"] = self.attention_bias
+            hf["mlp_bias"] = False
+        if self.architecture == "mistral":
+            hf["sliding_window"] = self.sliding_window
+        return hf

@@ -1,0 +1,308 @@
+"""Hugging Face checkpoints in and out: config.json + *.safetensors <-> a covjax Transformer.
+
+Loading never holds two full copies of the weights on the host: every safetensors file is
+memory-mapped, each covjax parameter is built with `jax.make_array_from_callback`, and the
+callback copies only the slice that one device owns (converted to the covjax layout as a
+zero-copy view first). safetensors' own numpy loader is not used for reading because numpy
+cannot name bfloat16 (the dtype of most released checkpoints) and it copies whole tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+from safetensors.numpy import save_file
+
+from covjax.model.config import ModelConfig
+from covjax.model.transformer import Transformer
+from covjax.sharding import logical_sharding
+
+_ST_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": jnp.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+# Buffers some checkpoints carry that the model recomputes.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class _SafetensorsFile:
+    """Zero-copy numpy views of the tensors of one .safetensors file (8-byte header length,
+    JSON header with dtype / shape / data_offsets, then the raw little-endian data)."""
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        self.path = path
+        self.header = header
+        self._data_start = 8 + header_len
+        self._mmap = np.memmap(path, dtype=np.uint8, mode="r")
+
+    def array(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        if info["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        raw = self._mmap[self._data_start + start : self._data_start + end]
+        return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def _open_checkpoint(path: str) -> dict[str, _SafetensorsFile]:
+    """tensor name -> the file holding it (single model.safetensors or a sharded index)."""
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    single_path = os.path.join(path, "model.safetensors")
+    if os.path.exists(index_path):
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        files: dict[str, _SafetensorsFile] = {}
+        for fname in sorted(set(weight_map.values())):
+            fpath = os.path.join(path, fname)
+            if not os.path.exists(fpath):
+                raise FileNotFoundError(f"{fpath} (listed in {index_path}) does not exist")
+            files[fname] = _SafetensorsFile(fpath)
+        return {name: files[fname] for name, fname in weight_map.items()}
+    if os.path.exists(single_path):
+        f = _SafetensorsFile(single_path)
+        return dict.fromkeys(f.header, f)
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+# How a covjax parameter relates to its HF tensor: "same" shape, "flat" (HF is 1-D), or an int
+# n_in = number of leading covjax axes that form the HF Linear's input dimension (HF [out, in]).
+Layout = str | int
+
+
+def _tensor_specs(config: ModelConfig) -> list[tuple[str, str, Layout]]:
+    """(covjax parameter name, HF tensor name with {i} for the layer, layout) per tensor."""
+    specs: list[tuple[str, str, Layout]] = [
+        ("embed", "model.embed_tokens.weight", "same"),
+        ("final_norm", "model.norm.weight", "same"),
+    ]
+    if not config.tie_word_embeddings:
+        specs.append(("lm_head", "lm_head.weight", 1))
+    per_layer: list[tuple[str, str, Layout]] = [
+        ("input_norm", "input_layernorm.weight", "same"),
+        ("post_norm", "post_attention_layernorm.weight", "same"),
+        ("q_proj", "self_attn.q_proj.weight", 1),
+        ("k_proj", "self_attn.k_proj.weight", 1),
+        ("v_proj", "self_attn.v_proj.weight", 1),
+        ("o_proj", "self_attn.o_proj.weight", 2),
+        ("gate_proj", "mlp.gate_proj.weight", 1),
+        ("up_proj", "mlp.up_proj.weight", 1),
+        ("down_proj", "mlp.down_proj.weight", 1),
+    ]
+    if config.attention_bias:
+        per_layer += [
+            ("q_bias", "self_attn.q_proj.bias", "flat"),
+            ("k_bias", "self_attn.k_proj.bias", "flat"),
+            ("v_bias", "self_attn.v_proj.bias", "flat"),
+        ]
+    if config.attention_out_bias:
+        per_layer.append(("o_bias", "self_attn.o_proj.bias", "same"))
+    specs += [
+        (f"layers.{ours}", "model.layers.{i}." + theirs, lay) for ours, theirs, lay in per_layer
+    ]
+    return specs
+
+
+def _hf_shape(our_shape: tuple[int, ...], layout: Layout) -> tuple[int, ...]:
+    if layout == "same":
+        return tuple(our_shape)
+    if layout == "flat":
+        return (int(np.prod(our_shape)),)
+    return (int(np.prod(our_shape[layout:])), int(np.prod(our_shape[:layout])))
+
+
+def _to_ours(hf: np.ndarray, our_shape: tuple[int, ...], layout: Layout) -> np.ndarray:
+    """A view of an HF tensor in the covjax layout (transposing and splitting axes never copy)."""
+    if layout == "same":
+        return hf
+    if layout == "flat":
+        return hf.reshape(our_shape)
+    return hf.T.reshape(our_shape)
+
+
+def _to_hf(ours: np.ndarray, layout: Layout) -> np.ndarray:
+    if layout == "same":
+        return np.ascontiguousarray(ours)
+    if layout == "flat":
+        return ours.reshape(-1)
+    n_in = int(np.prod(ours.shape[:layout]))
+    return np.ascontiguousarray(ours.reshape(n_in, -1).T)
+
+
+def _model_variables(model: nnx.Module) -> Iterator[tuple[str, nnx.Variable]]:
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Variable):
+            yield ".".join(str(p) for p in path), var
+
+
+def _layer_and_name(path: str, scan: bool) -> tuple[int | None, str]:
+    """'layers.3.q_proj' -> (3, 'layers.q_proj'); stacked 'layers.q_proj' -> (None, same)."""
+    parts = path.split(".")
+    if parts[0] == "layers" and not scan:
+        return int(parts[1]), "layers." + ".".join(parts[2:])
+    return None, path
+
+
+def from_pretrained(
+    path: str,
+    *,
+    dtype=jnp.float32,
+    mesh: Mesh | None = None,
+    compute_dtype=None,
+    remat: str = "none",
+    scan_layers: bool = True,
+    **config_overrides,
+) -> Transformer:
+    """Loads a local Hugging Face folder (config.json + safetensors) into a covjax Transformer.
+
+    `dtype` is the parameter dtype (float32 = master weights), `compute_dtype` the matmul dtype
+    (default: `dtype`). With `mesh` each parameter lands directly on its sharding.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path} does not exist")
+    with open(config_path, encoding="utf-8") as f:
+        hf_config = json.load(f)
+    param_dtype = jnp.dtype(dtype)
+    config = ModelConfig.from_hf_config(
+        hf_config,
+        param_dtype=param_dtype.name,
+        compute_dtype=jnp.dtype(compute_dtype or param_dtype).name,
+        remat=remat,
+        scan_layers=scan_layers,
+        **config_overrides,
+    )
+    tensors = _open_checkpoint(path)
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    specs = {ours: (theirs, t) for ours, theirs, t in _tensor_specs(config)}
+
+    used: set[str] = set()
+    for var_path, var in _model_variables(abstract):
+        layer, name = _layer_and_name(var_path, scan_layers)
+        if name not in specs:
+            raise ValueError(f"covjax parameter {var_path} has no Hugging Face tensor mapping")
+        template, layout = specs[name]
+        shape = tuple(var.get_value().shape)
+        if scan_layers and name.startswith("layers."):
+            hf_names = [template.format(i=i) for i in range(config.num_hidden_layers)]
+            stacked, one_shape = True, shape[1:]
+        else:
+            hf_names = [template.format(i=layer)]
+            stacked, one_shape = False, shape
+        views = [_checked_view(tensors, n, one_shape, layout) for n in hf_names]
+        used.update(hf_names)
+        var.set_value(_place(views, stacked, shape, param_dtype, mesh, var))
+
+    ignored = {n for n in tensors if n.endswith(_IGNORED_SUFFIXES)}
+    if config.tie_word_embeddings:
+        ignored.add("lm_head.weight")
+    unexpected = sorted(set(tensors) - used - ignored)
+    if unexpected:
+        raise ValueError(f"{path}: unexpected tensors {unexpected[:10]} for {config.architecture}")
+    return abstract
+
+
+def _checked_view(tensors, name: str, our_shape, layout: Layout) -> np.ndarray:
+    if name not in tensors:
+        raise ValueError(f"tensor {name!r} is missing from the checkpoint")
+    hf = tensors[name].array(name)
+    expected = _hf_shape(our_shape, layout)
+    if tuple(hf.shape) != expected:
+        raise ValueError(f"tensor {name!r} has shape {tuple(hf.shape)}, expected {expected}")
+    return _to_ours(hf, our_shape, layout)
+
+
+def _place(views, stacked: bool, shape, dtype, mesh: Mesh | None, var: nnx.Variable):
+    """A jax.Array of `shape` whose device shards are copied out of the memory-mapped views."""
+    if mesh is None:
+        sharding = SingleDeviceSharding(jax.devices()[0])
+    else:
+        axes = var.get_metadata().get("logical_axes") or (None,) * len(shape)
+        sharding = logical_sharding(mesh, axes, shape)
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        if not stacked:
+            return np.asarray(views[0][index], dtype=dtype)
+        rows = range(*index[0].indices(len(views)))
+        return np.stack([np.asarray(views[i][index[1:]], dtype=dtype) for i in rows])
+
+    return jax.make_array_from_callback(tuple(shape), sharding, shard)
+
+
+def _gather_to_host(x: jax.Array) -> np.ndarray:
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def hf_state_dict(model: Transformer) -> dict[str, np.ndarray]:
+    """The model's parameters as host numpy arrays under their Hugging Face names and layouts.
+
+    Works on any nnx tree shaped like the model (e.g. gradients merged into its graphdef).
+    In a multi-process run every process must call it (the gather is collective).
+    """
+    config = model.config
+    specs = {ours: (theirs, t) for ours, theirs, t in _tensor_specs(config)}
+    tensors: dict[str, np.ndarray] = {}
+    for var_path, var in _model_variables(model):
+        layer, name = _layer_and_name(var_path, config.scan_layers)
+        template, layout = specs[name]
+        value = _gather_to_host(var.get_value())
+        if config.scan_layers and name.startswith("layers."):
+            for i in range(config.num_hidden_layers):
+                tensors[template.format(i=i)] = _to_hf(value[i], layout)
+        else:
+            tensors[template.format(i=layer)] = _to_hf(value, layout)
+    return tensors
+
+
+def save_pretrained(model: Transformer, path: str, tokenizer=None) -> None:
+    """Writes config.json + model.safetensors (+ tokenizer files) for transformers to load.
+
+    In a multi-process run every process must call it (the gather is collective); process 0
+    writes.
+    """
+    tensors = hf_state_dict(model)
+    if jax.process_index() != 0:
+        return
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(model.config.to_hf_config(), f, indent=2, sort_keys=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def load_tokenizer(path: str):
+    """The tokenizer saved next to the weights (transformers' AutoTokenizer, local files only)."""
+    from transformers import AutoTokenizer
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer folder {path} does not exist")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -1,0 +1,367 @@
+"""A decoder-only transformer (Qwen2/Qwen2.5, Llama 3.x, Mistral) in Flax NNX.
+
+One file, nanoGPT style: RMSNorm -> GQA attention with RoPE -> residual -> RMSNorm -> SwiGLU ->
+residual, repeated, then a final RMSNorm and the output projection. Numerics follow the
+Hugging Face PyTorch implementation op for op, so float32 logits agree to ~1e-6.
+
+Parameter layout (logical axes in brackets; `covjax.sharding.LOGICAL_RULES` maps them to the mesh):
+  embed.embedding   [vocab, embed]
+  layers.q_proj     [embed, q_heads, head_dim]    (+ bias [q_heads, head_dim] for Qwen2)
+  layers.k_proj     [embed, kv_heads, head_dim]   layers.v_proj the same
+  layers.o_proj     [q_heads, head_dim, embed]
+  layers.gate_proj  [embed, mlp]   layers.up_proj [embed, mlp]   layers.down_proj [mlp, embed]
+  layers.*_norm     [norm]         final_norm [norm]
+  lm_head           [embed, vocab] (absent when the embeddings are tied)
+With `scan_layers` every layer parameter has a leading [layers] axis.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from covjax.model.config import ModelConfig
+from covjax.sharding import constrain
+
+_INIT_STD = 0.02  # transformers' initializer_range
+
+
+def _param(rngs: nnx.Rngs | None, shape, logical_axes, dtype, init: str) -> nnx.Param:
+    """A parameter with logical axis names in its metadata (read by covjax.sharding)."""
+    if init == "normal":
+        value = _INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = jnp.zeros(shape, dtype)
+    return nnx.Param(value, logical_axes=tuple(logical_axes))
+
+
+@struct.dataclass
+class KVCache:
+    """Keys/values of all layers for incremental decoding; the sampler owns it.
+
+    k, v: [L, B, S, Hkv, Dh] in the compute dtype; key_mask [B, S] (True = a real token was
+    written there); index: next slot to write, shared by all rows.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    key_mask: jax.Array
+    index: jax.Array
+
+    @staticmethod
+    def logical_axes() -> KVCache:
+        """Logical axis names of each field (for covjax.sharding.logical_sharding)."""
+        kv = ("cache_layers", "act_batch", "cache_length", "act_kv_heads", "act_head_dim")
+        return KVCache(k=kv, v=kv, key_mask=("act_batch", "cache_length"), index=())
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache of `max_len` slots (dtype defaults to the compute dtype)."""
+    if batch_size < 1 or max_len < 1:
+        raise ValueError(f"init_cache batch_size={batch_size}, max_len={max_len}: must be >= 1")
+    dtype = config.jnp_compute_dtype if dtype is None else jnp.dtype(dtype)
+    shape = (
+        config.num_hidden_layers,
+        batch_size,
+        max_len,
+        config.num_key_value_heads,
+        config.head_dim,
+    )
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        key_mask=jnp.zeros((batch_size, max_len), bool),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> np.ndarray:
+    """RoPE inverse frequencies theta^(-2i/d), with Llama 3 frequency-dependent scaling.
+
+    Mirrors transformers' `_compute_default_rope_parameters` / `_compute_llama3_parameters`.
+    """
+    inv_freq = 1.0 / (
+        theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)
+    )
+    inv_freq = inv_freq.astype(np.float32)
+    cfg = dict(scaling or ())
+    if cfg.get("rope_type", "default") != "llama3":
+        return inv_freq
+    factor = cfg["factor"]
+    low_freq_factor, high_freq_factor = cfg["low_freq_factor"], cfg["high_freq_factor"]
+    old_len = cfg["original_max_position_embeddings"]
+    low_freq_wavelen = old_len / low_freq_factor
+    high_freq_wavelen = old_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(is_medium, smoothed, inv_freq_llama).astype(np.float32)
+
+
+def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, Dh] float32 for integer positions [B, T]."""
+    scaling = tuple(sorted((config.rope_scaling or {}).items())) or None
+    inv_freq = jnp.asarray(rope_inv_freq(config.head_dim, config.rope_theta, scaling))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x * cos + rotate_half(x) * sin on [B, T, H, Dh] (the non-interleaved HF convention)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """weight * x / sqrt(mean(x^2) + eps), statistics in float32, result in x's dtype."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def _attention_impl(config: ModelConfig, dtype, decoding: bool) -> str:
+    """cuDNN flash attention for 16-bit training/prefill on GPU, XLA everywhere else."""
+    if config.attention_impl != "auto":
+        return config.attention_impl
+    ok = (
+        jax.default_backend() == "gpu"
+        and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and config.head_dim % 8 == 0
+        and config.head_dim <= 128
+        and not decoding
+    )
+    return "cudnn" if ok else "xla"
+
+
+class Block(nnx.Module):
+    """One pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c, dt = config, config.jnp_param_dtype
+        d, nq, nkv, dh, f = (
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.intermediate_size,
+        )
+        self.config = config
+        self.input_norm = _param(rngs, (d,), ("norm",), dt, "ones")
+        self.q_proj = _param(rngs, (d, nq, dh), ("embed", "q_heads", "head_dim"), dt, "normal")
+        self.k_proj = _param(rngs, (d, nkv, dh), ("embed", "kv_heads", "head_dim"), dt, "normal")
+        self.v_proj = _param(rngs, (d, nkv, dh), ("embed", "kv_heads", "head_dim"), dt, "normal")
+        self.o_proj = _param(rngs, (nq, dh, d), ("q_heads", "head_dim", "embed"), dt, "normal")
+        if c.attention_bias:
+            self.q_bias = _param(rngs, (nq, dh), ("q_heads", "head_dim"), dt, "zeros")
+            self.k_bias = _param(rngs, (nkv, dh), ("kv_heads", "head_dim"), dt, "zeros")
+            self.v_bias = _param(rngs, (nkv, dh), ("kv_heads", "head_dim"), dt, "zeros")
+        if c.attention_out_bias:
+            self.o_bias = _param(rngs, (d,), ("norm",), dt, "zeros")
+        self.post_norm = _param(rngs, (d,), ("norm",), dt, "ones")
+        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), dt, "normal")
+        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), dt, "normal")
+        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), dt, "normal")
+
+    def _w(self, name: str) -> jax.Array:
+        return getattr(self, name)[...].astype(self.config.jnp_compute_dtype)
+
+    def attention(self, x, cos, sin, masks, kv, index):
+        """GQA self-attention; with `kv` the new keys/values are written at slot `index`.
+
+        masks = (mask [B, 1, T, S] bool or None, query_valid [B, T] bool or None). Without a
+        cache the causal mask is implicit (`is_causal`, so cuDNN skips the masked blocks) and
+        `mask` only hides padding keys; with a cache `mask` is the whole visibility pattern.
+        """
+        mask, query_valid = masks
+        c = self.config
+        q = jnp.einsum("btd,dnh->btnh", x, self._w("q_proj"))
+        k = jnp.einsum("btd,dnh->btnh", x, self._w("k_proj"))
+        v = jnp.einsum("btd,dnh->btnh", x, self._w("v_proj"))
+        if c.attention_bias:
+            q, k, v = q + self._w("q_bias"), k + self._w("k_bias"), v + self._w("v_bias")
+        q = constrain(apply_rope(q, cos, sin), ("act_batch", "act_length", "act_heads", None))
+        k = constrain(apply_rope(k, cos, sin), ("act_batch", "act_length", "act_kv_heads", None))
+        v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
+        new_kv = None
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+            new_kv = (k, v)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        if c.sliding_window is not None and k.shape[1] > c.sliding_window:
+            raise ValueError(
+                f"sliding_window={c.sliding_window} is smaller than the {k.shape[1]} attended "
+                "keys; sliding-window attention is not implemented"
+            )
+        impl = _attention_impl(c, q.dtype, decoding=kv is not None)
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=kv is None, implementation=impl
+        )
+        if query_valid is not None:
+            # A query with no visible key (padding) gets zeros, never NaN.
+            out = jnp.where(query_valid[:, :, None, None], out, 0)
+        out = constrain(out, ("act_batch", "act_length", "act_heads", None))
+        y = jnp.einsum("btnh,nhd->btd", out, self._w("o_proj"))
+        if c.attention_out_bias:
+            y = y + self._w("o_bias")
+        return y, new_kv
+
+    def mlp(self, x):
+        """SwiGLU: down(silu(gate(x)) * up(x))."""
+        gate = jnp.einsum("btd,df->btf", x, self._w("gate_proj"))
+        up = jnp.einsum("btd,df->btf", x, self._w("up_proj"))
+        h = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+        return jnp.einsum("btf,fd->btd", h, self._w("down_proj"))
+
+    def __call__(self, x, cos, sin, masks, kv=None, index=None):
+        eps = self.config.rms_norm_eps
+        attn, new_kv = self.attention(
+            rms_norm(x, self.input_norm[...], eps), cos, sin, masks, kv, index
+        )
+        x = constrain(x + attn, ("act_batch", "act_length", "act_embed"))
+        x = x + self.mlp(rms_norm(x, self.post_norm[...], eps))
+        return constrain(x, ("act_batch", "act_length", "act_embed")), new_kv
+
+
+def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """All layers as one Block whose parameters carry a leading [layers] axis."""
+
+    @nnx.split_rngs(splits=config.num_hidden_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return Block(config, rngs=rngs)
+
+    blocks = make(rngs)
+    for _, var in nnx.iter_graph(blocks):
+        if isinstance(var, nnx.Variable):
+            var.set_metadata(logical_axes=("layers",) + var.get_metadata()["logical_axes"])
+    return blocks
+
+
+def _remat(fn, policy: str, in_scan: bool):
+    if policy == "none":
+        return fn
+    saveable = (
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+        if policy == "dots"
+        else jax.checkpoint_policies.nothing_saveable
+    )
+    return jax.checkpoint(fn, policy=saveable, prevent_cse=not in_scan)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. `model(ids)` -> logits [B, T, V] float32; with a cache (logits, cache)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c, dt = config, config.jnp_param_dtype
+        self.config = config
+        self.embed = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), dt, "normal")
+        if c.scan_layers:
+            self.layers = _stacked_blocks(c, rngs)
+        else:
+            self.layers = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_hidden_layers)])
+        self.final_norm = _param(rngs, (c.hidden_size,), ("norm",), dt, "ones")
+        if not c.tie_word_embeddings:
+            self.lm_head = _param(
+                rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), dt, "normal"
+            )
+
+    def unembed_kernel(self) -> jax.Array:
+        """The output projection [D, V] in the compute dtype (tied: the embedding transposed)."""
+        w = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        return w.astype(self.config.jnp_compute_dtype)
+
+    def __call__(self, input_ids, positions=None, *, attention_mask=None, cache=None):
+        h, new_cache = self._forward(input_ids, positions, attention_mask, cache)
+        logits = jnp.einsum(
+            "btd,dv->btv", h, self.unembed_kernel(), preferred_element_type=jnp.float32
+        )
+        logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
+        return logits if cache is None else (logits, new_cache)
+
+    def hidden_states(self, input_ids, positions=None, *, attention_mask=None) -> jax.Array:
+        """Final-norm hidden states [B, T, D] (compute dtype); logits = this @ unembed_kernel()."""
+        return self._forward(input_ids, positions, attention_mask, None)[0]
+
+    def _forward(self, input_ids, positions, attention_mask, cache):
+        c = self.config
+        chex.assert_rank(input_ids, 2)
+        if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(f"input_ids must be integer, got dtype {input_ids.dtype}")
+        b, t = input_ids.shape
+        if attention_mask is not None:
+            chex.assert_shape(attention_mask, (b, t))
+            attention_mask = attention_mask.astype(bool)
+        if positions is None:
+            start = 0 if cache is None else cache.index
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        chex.assert_shape(positions, (b, t))
+
+        # Gather the fsdp-sharded table first (as for any weight) so the lookup is a plain
+        # vocab-parallel gather whose output follows the batch sharding.
+        table = constrain(self.embed[...], ("vocab", None))
+        x = table[input_ids].astype(c.jnp_compute_dtype)
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        cos, sin = rope_tables(c, positions)
+
+        new_cache = None
+        if cache is None:
+            masks, kv = (None, None), None
+            if attention_mask is not None:
+                keys = jnp.broadcast_to(attention_mask[:, None, None, :], (b, 1, t, t))
+                masks = (keys, jnp.cumsum(attention_mask, axis=1) > 0)
+        else:
+            if cache.k.shape[1] != b:
+                raise ValueError(f"cache batch {cache.k.shape[1]} != input batch {b}")
+            real = jnp.ones((b, t), bool) if attention_mask is None else attention_mask
+            key_mask = jax.lax.dynamic_update_slice(cache.key_mask, real, (0, cache.index))
+            slots = jnp.arange(cache.k.shape[2])
+            visible = slots[None, :] <= cache.index + jnp.arange(t)[:, None]
+            mask = (visible[None] & key_mask[:, None, :])[:, None]
+            masks = (mask, jnp.any(mask[:, 0], axis=-1))
+            kv = (cache.k, cache.v)
+
+        x, new_kv = self._run_layers(x, cos, sin, masks, kv, None if cache is None else cache.index)
+        if cache is not None:
+            new_cache = KVCache(k=new_kv[0], v=new_kv[1], key_mask=key_mask, index=cache.index + t)
+        return rms_norm(x, self.final_norm[...], c.rms_norm_eps), new_cache
+
+    def _run_layers(self, x, cos, sin, masks, kv, index):
+        """The blocks, stacked under lax.scan or as a Python loop; both call the same Block."""
+        c = self.config
+
+        def layer(graphdef, state, x, layer_kv):
+            return nnx.merge(graphdef, state)(x, cos, sin, masks, layer_kv, index)
+
+        if c.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+            step = _remat(functools.partial(layer, graphdef), c.remat, in_scan=True)
+
+            def body(x, xs):
+                return step(xs[0], x, xs[1])
+
+            return jax.lax.scan(body, x, (state, kv))
+        new_k, new_v = [], []
+        for i, block in enumerate(self.layers):
+            graphdef, state = nnx.split(block)
+            step = _remat(functools.partial(layer, graphdef), c.remat, in_scan=False)
+            x, layer_kv = step(state, x, None if kv is None else (kv[0][i], kv[1][i]))
+            if layer_kv is not None:
+                new_k.append(layer_kv[0])
+                new_v.append(layer_kv[1])
+        return x, (None if kv is None else (jnp.stack(new_k), jnp.stack(new_v)))

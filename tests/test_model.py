@@ -1,0 +1,416 @@
+"""covjax.model against transformers' PyTorch models: logits, HF I/O, cache, layouts, dtypes.
+
+Every reference is an independent implementation: transformers' float32 eager PyTorch model built
+offline with random weights (2 layers, hidden 64, vocabulary 256) and saved to tmp_path.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from covjax.model import (
+    ModelConfig,
+    Transformer,
+    from_pretrained,
+    hf_state_dict,
+    init_cache,
+    load_tokenizer,
+    save_pretrained,
+)
+from covjax.model.transformer import rope_inv_freq
+from covjax.sharding import data_sharding, make_mesh
+
+VOCAB, B, T = 256, 3, 12
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    max_position_embeddings=512,
+)
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+FAMILIES = {
+    # name: (transformers class, config kwargs)
+    "qwen2_tied": (
+        transformers.Qwen2ForCausalLM,
+        dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    ),
+    "qwen2_untied": (
+        transformers.Qwen2ForCausalLM,
+        dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False),
+    ),
+    "llama3_gqa4": (
+        transformers.LlamaForCausalLM,
+        dict(
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            rope_theta=500000.0,
+            rope_scaling=LLAMA3_SCALING,
+        ),
+    ),
+    "mistral_gqa2": (
+        transformers.MistralForCausalLM,
+        dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None),
+    ),
+}
+
+
+def _config_class(cls):
+    return {
+        transformers.Qwen2ForCausalLM: transformers.Qwen2Config,
+        transformers.LlamaForCausalLM: transformers.LlamaConfig,
+        transformers.MistralForCausalLM: transformers.MistralConfig,
+    }[cls]
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """name -> folder with a tiny random transformers model saved by save_pretrained."""
+    dirs = {}
+    for i, (name, (cls, kwargs)) in enumerate(FAMILIES.items()):
+        torch.manual_seed(i)
+        config = _config_class(cls)(**SMALL, **kwargs)
+        model = cls(config)
+        with torch.no_grad():  # non-trivial norms and biases, not HF's ones/zeros init
+            for p in model.parameters():
+                p.normal_(0.0, 0.2)
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        dirs[name] = str(path)
+    return dirs
+
+
+def _batch(seed=0, batch=B, length=T):
+    """Random ids with left padding (row 0: 5 pads, row 1: 1 pad), HF-style positions."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, VOCAB, (batch, length))
+    mask = np.ones((batch, length), bool)
+    mask[0, :5] = False
+    mask[1, :1] = False
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    return ids, mask, positions
+
+
+def _torch_logits(path, ids, mask, positions):
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.as_tensor(ids),
+            attention_mask=torch.as_tensor(mask.astype(np.int64)),
+            position_ids=torch.as_tensor(positions),
+        )
+    return out.logits.numpy()
+
+
+@nnx.jit
+def _forward(model, ids, positions, mask):
+    return model(ids, positions, attention_mask=mask)
+
+
+def _covjax_logits(model, ids, mask, positions):
+    return np.asarray(
+        _forward(
+            model, jnp.asarray(ids, jnp.int32), jnp.asarray(positions, jnp.int32), jnp.asarray(mask)
+        )
+    )
+
+
+def _rel_err(a, b, mask):
+    return np.abs(a - b)[mask].max() / np.abs(b[mask]).max()
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_logits_match_transformers(hf_dirs, name):
+    ids, mask, positions = _batch()
+    ref = _torch_logits(hf_dirs[name], ids, mask, positions)
+    model = from_pretrained(hf_dirs[name])
+    out = _covjax_logits(model, ids, mask, positions)
+    assert out.dtype == np.float32 and out.shape == (B, T, VOCAB)
+    assert _rel_err(out, ref, mask) < 1e-5
+
+
+def test_llama3_rope_frequencies_match_transformers():
+    config = transformers.LlamaConfig(
+        **SMALL, num_attention_heads=4, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING
+    )
+    init = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["llama3"]
+    ref, _ = init(config, "cpu")
+    scaling = tuple(sorted(LLAMA3_SCALING.items()))
+    ours = rope_inv_freq(16, 500000.0, scaling)
+    np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-6)
+    assert not np.allclose(ours, rope_inv_freq(16, 500000.0, None))
+
+
+def _byte_tokenizer():
+    """A byte-level BPE tokenizer without merges (one id per byte), built offline."""
+    import tokenizers
+
+    alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    model = tokenizers.models.BPE({ch: i for i, ch in enumerate(alphabet)}, [])
+    tok = tokenizers.Tokenizer(model)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_tokenizer_is_saved_and_loaded(hf_dirs, tmp_path):
+    tokenizer = _byte_tokenizer()
+    save_pretrained(from_pretrained(hf_dirs["qwen2_tied"]), tmp_path, tokenizer=tokenizer)
+    text = "x = 12 + 30"
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) == len(text)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded(text)["input_ids"] == ids
+    assert loaded.decode(ids) == text
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_tokenizer(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name", ["qwen2_untied", "llama3_gqa4"])
+def test_save_pretrained_round_trip(hf_dirs, name, tmp_path):
+    model = from_pretrained(hf_dirs[name])
+    save_pretrained(model, tmp_path)
+    ids, mask, positions = _batch(seed=1)
+    ref = _covjax_logits(model, ids, mask, positions)
+    assert _rel_err(_torch_logits(str(tmp_path), ids, mask, positions), ref, mask) < 1e-5
+    reloaded = hf_state_dict(from_pretrained(tmp_path))
+    original = hf_state_dict(model)
+    assert reloaded.keys() == original.keys()
+    for key, value in original.items():
+        np.testing.assert_array_equal(reloaded[key], value, err_msg=key)
+
+
+def test_sharded_checkpoint_with_index(hf_dirs, tmp_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dirs["mistral_gqa2"])
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    ids, mask, positions = _batch(seed=2)
+    a = _covjax_logits(from_pretrained(tmp_path), ids, mask, positions)
+    b = _covjax_logits(from_pretrained(hf_dirs["mistral_gqa2"]), ids, mask, positions)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_incremental_decoding_matches_full_forward(hf_dirs, scan_layers):
+    model = from_pretrained(hf_dirs["qwen2_tied"], scan_layers=scan_layers)
+    ids, mask, positions = _batch(seed=3)
+    full = _covjax_logits(model, ids, mask, positions)
+    step = nnx.jit(lambda m, i, p, a, c: m(i, p, attention_mask=a, cache=c))
+    cache = init_cache(model.config, B, T + 3)
+    prefill = 7
+    logits, cache = step(model, ids[:, :prefill], positions[:, :prefill], mask[:, :prefill], cache)
+    pieces = [np.asarray(logits)]
+    for t in range(prefill, T):
+        sl = slice(t, t + 1)
+        logits, cache = step(model, ids[:, sl], positions[:, sl], mask[:, sl], cache)
+        pieces.append(np.asarray(logits))
+    assert int(cache.index) == T
+    np.testing.assert_array_equal(np.asarray(cache.key_mask)[:, :T], mask)
+    assert not np.asarray(cache.key_mask)[:, T:].any()
+    inc = np.concatenate(pieces, axis=1)
+    assert _rel_err(inc, full, mask) < 1e-5
+
+
+def test_fully_padded_rows_are_finite(hf_dirs):
+    model = from_pretrained(hf_dirs["llama3_gqa4"])
+    ids, mask, positions = _batch(seed=4)
+    mask[2] = False
+    assert np.isfinite(_covjax_logits(model, ids, mask, positions)).all()
+    cache = init_cache(model.config, B, T)
+    step = nnx.jit(lambda m, i, p, a, c: m(i, p, attention_mask=a, cache=c))
+    logits, _ = step(model, *map(jnp.asarray, (ids, positions, mask)), cache)
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+@nnx.jit
+@nnx.value_and_grad
+def _weighted_logit_sum(model, ids, positions, mask, weights):
+    logits = model(ids, positions, attention_mask=mask)
+    return jnp.sum(logits * weights * mask[..., None])
+
+
+def _loss_and_grads(model):
+    """A weighted sum of logits (fixed random weights) and its gradients in HF layout."""
+    ids, mask, positions = _batch(seed=6)
+    weights = np.random.default_rng(5).normal(size=(B, T, VOCAB)).astype(np.float32)
+    loss, grads = _weighted_logit_sum(model, *map(jnp.asarray, (ids, positions, mask, weights)))
+    return float(loss), hf_state_dict(nnx.merge(nnx.graphdef(model), grads))
+
+
+@pytest.fixture(scope="module")
+def base_grads(hf_dirs):
+    return _loss_and_grads(from_pretrained(hf_dirs["qwen2_untied"]))
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [dict(scan_layers=False), dict(remat="layer"), dict(scan_layers=False, remat="dots")],
+    ids=["loop", "remat_layer", "loop_remat_dots"],
+)
+def test_layer_stacking_and_remat_change_nothing(hf_dirs, base_grads, variant):
+    base_loss, base_grads = base_grads
+    loss, grads = _loss_and_grads(from_pretrained(hf_dirs["qwen2_untied"], **variant))
+    np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
+    assert grads.keys() == base_grads.keys()
+    for key in grads:
+        scale = np.abs(base_grads[key]).max() + 1e-12
+        np.testing.assert_allclose(
+            grads[key] / scale, base_grads[key] / scale, atol=1e-5, err_msg=key
+        )
+
+
+def test_bf16_compute_is_close(hf_dirs, tmp_path):
+    ids, mask, positions = _batch(seed=7)
+    ref = _covjax_logits(from_pretrained(hf_dirs["llama3_gqa4"]), ids, mask, positions)
+    model = from_pretrained(hf_dirs["llama3_gqa4"], compute_dtype=jnp.bfloat16)
+    assert model.embed[...].dtype == jnp.float32  # master weights stay float32
+    out = _covjax_logits(model, ids, mask, positions)
+    hidden = model.hidden_states(
+        jnp.asarray(ids), jnp.asarray(positions), attention_mask=jnp.asarray(mask)
+    )
+    assert out.dtype == np.float32 and hidden.dtype == jnp.bfloat16
+    assert model.unembed_kernel().dtype == jnp.bfloat16
+    assert _rel_err(out, ref, mask) < 5e-2
+    bf16_params = from_pretrained(hf_dirs["llama3_gqa4"], dtype=jnp.bfloat16)
+    assert bf16_params.embed[...].dtype == jnp.bfloat16
+    assert _rel_err(_covjax_logits(bf16_params, ids, mask, positions), ref, mask) < 5e-2
+    # bfloat16 checkpoints (the dtype of released models) round-trip bit for bit
+    save_pretrained(bf16_params, tmp_path)
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch_model.dtype == torch.bfloat16
+    reloaded = hf_state_dict(from_pretrained(tmp_path, dtype=jnp.bfloat16))
+    for key, value in hf_state_dict(bf16_params).items():
+        np.testing.assert_array_equal(reloaded[key], value, err_msg=key)
+        np.testing.assert_array_equal(
+            torch_model.state_dict()[key].float().numpy(), value.astype(np.float32), err_msg=key
+        )
+
+
+def test_hidden_states_times_unembed_is_logits(hf_dirs):
+    model = from_pretrained(hf_dirs["qwen2_tied"])
+    ids, mask, positions = _batch(seed=8)
+    hidden = model.hidden_states(
+        jnp.asarray(ids), jnp.asarray(positions), attention_mask=jnp.asarray(mask)
+    )
+    np.testing.assert_allclose(
+        np.asarray(hidden @ model.unembed_kernel()),
+        _covjax_logits(model, ids, mask, positions),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    np.testing.assert_array_equal(
+        np.asarray(model.unembed_kernel()), np.asarray(model.embed[...]).T
+    )
+
+
+@pytest.mark.parametrize(
+    "shape", [dict(fsdp=8), dict(fsdp=4, tensor=2)], ids=["fsdp8", "fsdp4_tp2"]
+)
+def test_sharded_forward_matches_unsharded(hf_dirs, shape):
+    ids, mask, positions = _batch(seed=9, batch=8)
+    ref = _covjax_logits(from_pretrained(hf_dirs["llama3_gqa4"]), ids, mask, positions)
+    mesh = make_mesh(**shape)
+    model = from_pretrained(hf_dirs["llama3_gqa4"], mesh=mesh)
+    assert len(model.layers.q_proj[...].sharding.device_set) == 8
+    forward = nnx.jit(lambda m, i, p, a: m(i, p, attention_mask=a))
+    batch = [jax.device_put(jnp.asarray(x), data_sharding(mesh)) for x in (ids, positions, mask)]
+    with jax.set_mesh(mesh):
+        out = np.asarray(forward(model, *batch))
+    assert _rel_err(out, ref, mask) < 1e-5
+
+
+def test_random_init_runs_and_config_round_trips(tmp_path):
+    config = ModelConfig(
+        architecture="llama",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_scaling=LLAMA3_SCALING,
+        attention_bias=True,
+        attention_out_bias=True,
+        **SMALL,
+    )
+    assert ModelConfig.from_hf_config(config.to_hf_config()) == config
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    logits = nnx.jit(lambda m, x: m(x))(model, jnp.zeros((2, 5), jnp.int32))
+    assert logits.shape == (2, 5, VOCAB) and np.isfinite(np.asarray(logits)).all()
+    # transformers reads the same config back
+    (tmp_path / "config.json").write_text(json.dumps(config.to_hf_config()))
+    hf = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(hf, transformers.LlamaConfig)
+    assert (hf.num_key_value_heads, hf.head_dim, hf.attention_bias) == (2, 16, True)
+
+
+def test_sliding_window_only_where_it_has_no_effect(hf_dirs, tmp_path):
+    config = json.loads(open(os.path.join(hf_dirs["mistral_gqa2"], "config.json")).read())
+    config["sliding_window"] = 8
+    for name in os.listdir(hf_dirs["mistral_gqa2"]):
+        if name != "config.json":
+            os.symlink(os.path.join(hf_dirs["mistral_gqa2"], name), tmp_path / name)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = from_pretrained(tmp_path)
+    forward = nnx.jit(lambda m, x: m(x))
+    forward(model, jnp.zeros((1, 8), jnp.int32))  # 8 keys fit the window
+    with pytest.raises(ValueError, match="sliding_window=8"):
+        forward(model, jnp.zeros((1, 9), jnp.int32))
+
+
+def test_bad_inputs_are_named(hf_dirs, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_pretrained(tmp_path)
+    src = hf_dirs["qwen2_tied"]
+    config = json.loads(open(os.path.join(src, "config.json")).read())
+
+    def folder(name, cfg, tensors=True):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(cfg))
+        if tensors:
+            os.symlink(os.path.join(src, "model.safetensors"), path / "model.safetensors")
+        return path
+
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        from_pretrained(folder("no_weights", config, tensors=False))
+    bad_arch = dict(config, architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM.*MistralForCausalLM"):
+        from_pretrained(folder("bad_arch", bad_arch))
+    with pytest.raises(ValueError, match="model.embed_tokens.weight.*shape"):
+        from_pretrained(folder("bad_vocab", dict(config, vocab_size=VOCAB + 1)))
+    with pytest.raises(ValueError, match="lm_head.weight.*missing"):
+        from_pretrained(folder("untied", dict(config, tie_word_embeddings=False)))
+    with pytest.raises(ValueError, match="model.layers.1"):
+        from_pretrained(folder("one_layer", dict(config, num_hidden_layers=1)))
+    with pytest.raises(ValueError, match="num_key_value_heads=3"):
+        ModelConfig(
+            architecture="qwen2", num_attention_heads=4, num_key_value_heads=3, head_dim=16, **SMALL
+        )
+    with pytest.raises(ValueError, match="remat='block'"):
+        ModelConfig(
+            architecture="qwen2",
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            remat="block",
+            **SMALL,
+        )
+    model = from_pretrained(src)
+    with pytest.raises(ValueError, match="input_ids must be integer"):
+        model(jnp.zeros((1, 4), jnp.float32))
