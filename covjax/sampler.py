@@ -1,0 +1,531 @@
+"""Rollout engine: batched autoregressive sampling with a KV cache, one jitted program per shape.
+
+The flow of `Sampler.generate` (DESIGN.md, "sampler.generate"):
+
+1. Host: validate, left-pad every prompt to a length bucket P, repeat each prompt `n` times
+   (responses of prompt i are rows i*n .. i*n+n-1) and pad the batch to a batch bucket B with
+   dummy rows whose token budget is 0 (they are done from the start and dropped from the result).
+2. Device, one `jax.jit` program per (B, P, R = max_new_tokens, sampling mode, number of stop
+   ids), counted in `Sampler.num_compilations` and logged when traced:
+   prefill the first P-1 prompt columns into a preallocated KV cache of P + R slots (their logits
+   are never used, so XLA drops the unembedding), then `lax.while_loop` over response steps: feed
+   the last token, sample the next one, write it into a [B, R] buffer. The loop ends when every row
+   has sampled a stop token or used its budget, with no host round trip per token; the cache is
+   a loop carry, updated in place. Finished rows keep their place in the batch (static shapes);
+   with `compact_min_batch` the program continues with half the batch once half the rows are done.
+3. Host: one transfer of the [B, R] results, assembled into a `Rollout` of numpy arrays.
+
+The model's weights are read from the live module on every call (`nnx.split`) and passed to the
+program as an argument, so the trainer's in-place `nnx.update` is seen without recompiling and
+there is never a second copy on the host. They are cast to the sampling compute dtype inside the
+program.
+
+Sampling semantics (all in float32): z = logits / temperature; top-k keeps the k largest z
+(exactly k tokens: the k returned by `lax.top_k`); top-p keeps, in descending order of
+probability, every token whose preceding cumulative probability is < top_p (so at least one);
+the token is drawn from softmax of the kept z. `logprobs` is the log-probability of the drawn
+token under that final, renormalised distribution: exactly the `old_logp` of the policy that
+sampled (with temperature 1 and no truncation it equals the training forward's log-softmax).
+Greedy decoding (temperature 0; top-k/top-p are then moot) takes the argmax of the raw logits
+and reports its log-softmax under the raw logits (temperature 1): the model's own log-probability
+of the chosen token, which is what a training forward recomputes, rather than the degenerate 0 of
+a point mass.
+
+Randomness is drawn per row from fold_in(fold_in(rng, step), row): a row's sample depends only
+on the key, its row index and its tokens, not on the batch bucket, the padding or the sharding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from covjax.model import ModelConfig, init_cache
+from covjax.sharding import data_sharding
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+BATCH_AXES = ("data", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """Host-side result of `Sampler.generate`: N = len(prompts) * n rows, P + R columns.
+
+    Row i*n + j is response j of prompt i. Columns [0, P) hold the left-padded prompt, columns
+    [P, P + R) the right-padded response. The training log-prob of tokens[:, t] comes from the
+    logits at t - 1: targets = tokens[:, 1:], mask = response_mask[:, 1:].
+    """
+
+    tokens: np.ndarray  # [N, P+R] int32, pad id outside attention_mask
+    attention_mask: np.ndarray  # [N, P+R] bool: real prompt tokens + response up to the stop token
+    positions: np.ndarray  # [N, P+R] int32: clip(cumsum(attention_mask) - 1, 0)
+    response_mask: np.ndarray  # [N, P+R] bool: response tokens, stop token included
+    logprobs: np.ndarray  # [N, P+R] f32: sampling-distribution log-prob of response tokens, else 0
+    lengths: np.ndarray  # [N] int32: response lengths (stop token included)
+    stopped: np.ndarray  # [N] bool: True = ended by a stop token, False = by the length budget
+    group_ids: np.ndarray  # [N] int32: prompt index
+    prompt_length: int  # P
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingMode:
+    """The static part of the sampling configuration (one compiled program per value)."""
+
+    greedy: bool
+    top_k: int  # 0 = no top-k truncation
+    use_top_p: bool
+
+
+def _bucket(value: int, buckets: Sequence[int], multiple: int = 1) -> int:
+    """Smallest bucket >= value (past the largest: a multiple of it), rounded up to `multiple`."""
+    fitting = [b for b in buckets if b >= value]
+    size = min(fitting) if fitting else max(buckets) * math.ceil(value / max(buckets))
+    return multiple * math.ceil(size / multiple)
+
+
+def _check_buckets(name: str, buckets: Sequence[int]) -> tuple[int, ...]:
+    buckets = tuple(int(b) for b in buckets)
+    if not buckets or any(b < 1 for b in buckets):
+        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {buckets}")
+    return tuple(sorted(set(buckets)))
+
+
+def sample_tokens(
+    logits: jax.Array,
+    keys: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    mode: SamplingMode,
+) -> tuple[jax.Array, jax.Array]:
+    """Draws one token per row; returns (tokens [B] int32, log-prob under the sampling dist. [B]).
+
+    logits [B, V] (any float dtype, computed in f32); keys [B] one PRNG key per row. See the module
+    docstring for the exact temperature / top-k / top-p semantics.
+    """
+    chex.assert_rank(logits, 2)
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    if mode.greedy:
+        tokens = jnp.argmax(logits, axis=-1)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[:, None], -1)[:, 0]
+        return tokens.astype(jnp.int32), logp
+    z = logits / temperature
+    if mode.top_k or mode.use_top_p:
+        # Candidates sorted by descending z: the top k, or the whole vocabulary for top-p alone.
+        z, candidate_ids = jax.lax.top_k(z, min(mode.top_k or vocab, vocab))
+        if mode.use_top_p:
+            probs = jax.nn.softmax(z, -1)
+            before = jnp.cumsum(probs, -1) - probs  # mass strictly before each candidate
+            z = jnp.where(before < top_p, z, -jnp.inf)
+    else:
+        candidate_ids = None
+    logp_all = jax.nn.log_softmax(z, -1)
+    choice = jax.vmap(jax.random.categorical)(keys, z)
+    logp = jnp.take_along_axis(logp_all, choice[:, None], -1)[:, 0]
+    if candidate_ids is not None:
+        choice = jnp.take_along_axis(candidate_ids, choice[:, None], -1)[:, 0]
+    return choice.astype(jnp.int32), logp
+
+
+def _cast_floats(tree: Any, dtype: jnp.dtype) -> Any:
+    """Casts the floating-point leaves of a pytree to `dtype` (a no-op when they already are)."""
+
+    def cast(x):
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(cast, tree)
+
+
+def _with_compute_dtype(model: nnx.Module, dtype: jnp.dtype) -> nnx.Module:
+    """Makes every submodule compute in `dtype` (the traced copy only; the live model is untouched).
+
+    Without this a bfloat16 sampler over a float32-compute model would cast the weights back up
+    inside every layer of every decode step.
+    """
+    for _, node in nnx.iter_graph(model):
+        config = getattr(node, "config", None)
+        if isinstance(config, ModelConfig) and config.compute_dtype != dtype.name:
+            node.config = config.replace(compute_dtype=dtype.name)
+    return model
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything static about one compiled generate program besides the array shapes."""
+
+    max_new_tokens: int
+    mode: SamplingMode
+    compute_dtype: str
+
+
+class Sampler:
+    """Generates rollouts from the live parameters of a `covjax.model.Transformer`.
+
+    Args:
+      model: the policy (an nnx module with `config` and the KV-cache call of CONTRACTS.md). Its
+        state is read on every `generate`, so in-place updates by the trainer are always seen.
+      mesh: optional device mesh with axes ("data", "fsdp", ...): the batch is sharded over
+        ("data", "fsdp") and the parameters stay where they are.
+      compute_dtype: dtype of the sampling weights, activations and KV cache (default: the model
+        config's compute_dtype). Weights are cast inside the program.
+      length_buckets: padded prompt lengths; a longer prompt pads to a multiple of the largest.
+      batch_buckets: padded batch sizes (len(prompts) * n rounds up to one), rounded up to a
+        multiple of the number of batch shards.
+      compact_min_batch: 0 (default) decodes the whole batch until every row is done. > 0: once
+        at most half of the rows are active, the active rows and their KV cache are gathered
+        into a batch of half the size (repeatedly, down to compact_min_batch), so the long tail
+        of a few long responses stops paying for the finished rows. Results are unchanged
+        (randomness is per row); each stage adds a decode loop to the compiled program.
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+        compute_dtype: Any = None,
+        length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+        batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
+        compact_min_batch: int = 0,
+    ):
+        self.model = model
+        self.config = model.config
+        self.mesh = mesh
+        dtype = compute_dtype if compute_dtype is not None else self.config.compute_dtype
+        self.compute_dtype = jnp.dtype(dtype).name
+        self.length_buckets = _check_buckets("length_buckets", length_buckets)
+        self.batch_buckets = _check_buckets("batch_buckets", batch_buckets)
+        if int(compact_min_batch) != compact_min_batch or compact_min_batch < 0:
+            raise ValueError(f"compact_min_batch must be an int >= 0, got {compact_min_batch}")
+        self.compact_min_batch = int(compact_min_batch)
+        self.num_compilations = 0
+        self._graphdef = None
+        self._generate_fn = None
+        if mesh is not None:
+            missing = [a for a in BATCH_AXES if a not in mesh.axis_names]
+            if missing:
+                raise ValueError(f"mesh lacks batch axes {missing}: axis_names={mesh.axis_names}")
+            self._batch_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+        else:
+            self._batch_shards = 1
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        n: int = 1,
+        stop_token_ids: Sequence[int] = (),
+        rng: jax.Array,
+        pad_id: int = 0,
+        budgets: Sequence[int] | None = None,
+    ) -> Rollout:
+        """Samples `n` responses for each prompt (token-id lists); see the module docstring.
+
+        `budgets` (optional, one int in [1, max_new_tokens] per response row) caps each row's
+        response length below max_new_tokens: the benchmark uses it to end rows at preset lengths.
+        """
+        prompts = [list(map(int, p)) for p in prompts]
+        budgets = self._validate(
+            prompts, max_new_tokens, temperature, top_p, top_k, n, stop_token_ids, rng, budgets
+        )
+        num_rows = len(prompts) * n
+        prompt_len = _bucket(max(len(p) for p in prompts), self.length_buckets)
+        batch = _bucket(num_rows, self.batch_buckets, self._batch_shards)
+
+        ids = np.full((batch, prompt_len), pad_id, np.int32)
+        mask = np.zeros((batch, prompt_len), bool)
+        for row in range(batch):
+            prompt = prompts[row // n] if row < num_rows else prompts[0]  # dummy rows: prompt 0
+            ids[row, prompt_len - len(prompt) :] = prompt
+            mask[row, prompt_len - len(prompt) :] = True
+        row_budget = np.zeros((batch,), np.int32)
+        row_budget[:num_rows] = budgets
+
+        mode = SamplingMode(
+            greedy=temperature == 0,
+            top_k=0 if temperature == 0 or top_k >= self.config.vocab_size else int(top_k),
+            use_top_p=temperature != 0 and top_p < 1.0,
+        )
+        static = _Static(int(max_new_tokens), mode, self.compute_dtype)
+        graphdef, state = nnx.split(self.model)
+        fn = self._compiled(graphdef)
+        args = (ids, mask, row_budget)
+        mesh_context = contextlib.nullcontext()
+        if self.mesh is not None:
+            args = tuple(jax.device_put(a, data_sharding(self.mesh, a.ndim)) for a in args)
+            mesh_context = jax.set_mesh(self.mesh)
+        with mesh_context:
+            out = fn(
+                static,
+                state,
+                *args,
+                jnp.asarray(sorted(set(map(int, stop_token_ids))), jnp.int32),
+                rng,
+                jnp.float32(max(temperature, 1e-6)),
+                jnp.float32(top_p),
+                pad_id,
+            )
+        resp_tokens, resp_logp, lengths, stopped = jax.device_get(out)
+        return _assemble(
+            ids[:num_rows],
+            mask[:num_rows],
+            resp_tokens[:num_rows],
+            resp_logp[:num_rows],
+            lengths[:num_rows],
+            stopped[:num_rows],
+            n,
+            pad_id,
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    def _validate(self, prompts, max_new_tokens, temperature, top_p, top_k, n, stops, rng, budgets):
+        """Raises ValueError naming the bad argument; returns the per-row budgets [N]."""
+        if not prompts:
+            raise ValueError("prompts is empty: need at least one prompt")
+        if int(n) != n or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n}")
+        context = self.config.max_position_embeddings
+        if int(max_new_tokens) != max_new_tokens or not 1 <= max_new_tokens < context:
+            raise ValueError(
+                f"max_new_tokens must be an int in [1, max_position_embeddings={context}), "
+                f"got {max_new_tokens}"
+            )
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if int(top_k) != top_k or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k}")
+        if rng is None:
+            raise ValueError("rng must be a JAX PRNG key (jax.random.key(seed)), got None")
+        vocab = self.config.vocab_size
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompts[{i}] is empty")
+            if len(prompt) > context - max_new_tokens:
+                raise ValueError(
+                    f"prompts[{i}] has {len(prompt)} tokens: longer than the model's context "
+                    f"max_position_embeddings={context} minus max_new_tokens={max_new_tokens}"
+                )
+            if min(prompt) < 0 or max(prompt) >= vocab:
+                raise ValueError(f"prompts[{i}] has token ids outside [0, vocab_size={vocab})")
+        if any(not 0 <= int(s) < vocab for s in stops):
+            raise ValueError(f"stop_token_ids must lie in [0, vocab_size={vocab}), got {stops}")
+        num_rows = len(prompts) * n
+        if budgets is None:
+            return np.full((num_rows,), max_new_tokens, np.int32)
+        budgets = np.asarray(budgets, np.int32)
+        if budgets.shape != (num_rows,) or budgets.min() < 1 or budgets.max() > max_new_tokens:
+            raise ValueError(
+                f"budgets must hold len(prompts)*n={num_rows} ints in [1, max_new_tokens="
+                f"{max_new_tokens}], got shape {budgets.shape}"
+            )
+        return budgets
+
+    def _compiled(self, graphdef):
+        """The jitted generate for this model structure (rebuilt if the structure changes)."""
+        if self._generate_fn is None or graphdef != self._graphdef:
+            self._graphdef = graphdef
+            self._generate_fn = jax.jit(
+                functools.partial(self._generate_impl, graphdef), static_argnums=(0, 9)
+            )
+        return self._generate_fn
+
+    def _generate_impl(
+        self,
+        graphdef,
+        static: _Static,
+        state,
+        prompt_ids: jax.Array,
+        prompt_mask: jax.Array,
+        budgets: jax.Array,
+        stop_ids: jax.Array,
+        rng: jax.Array,
+        temperature: jax.Array,
+        top_p: jax.Array,
+        pad_id: int,
+    ):
+        """Traced once per compiled program: prefill + while_loop decode (module docstring)."""
+        self.num_compilations += 1
+        batch, prompt_len = prompt_ids.shape
+        logger.info(
+            "covjax.sampler: compiling generate #%d: batch=%d prompt_len=%d max_new_tokens=%d "
+            "%s dtype=%s",
+            self.num_compilations,
+            batch,
+            prompt_len,
+            static.max_new_tokens,
+            static.mode,
+            static.compute_dtype,
+        )
+        chex.assert_shape([prompt_mask], (batch, prompt_len))
+        chex.assert_shape([budgets], (batch,))
+        dtype = jnp.dtype(static.compute_dtype)
+        model = _with_compute_dtype(nnx.merge(graphdef, _cast_floats(state, dtype)), dtype)
+        num_new = static.max_new_tokens
+        positions = jnp.maximum(jnp.cumsum(prompt_mask, -1, dtype=jnp.int32) - 1, 0)
+        cache = init_cache(self.config, batch, prompt_len + num_new, dtype)
+        cache = self._constrain_cache(cache)
+        if prompt_len > 1:
+            _, cache = model(
+                prompt_ids[:, :-1],
+                positions[:, :-1],
+                attention_mask=prompt_mask[:, :-1],
+                cache=cache,
+            )
+        # Per-row decode state; `row` is the row's index in the padded batch (its results' row).
+        rows = dict(
+            cache=cache,
+            token=prompt_ids[:, -1],
+            position=positions[:, -1],
+            length=jnp.zeros((batch,), jnp.int32),
+            stopped=jnp.zeros((batch,), bool),
+            done=budgets <= 0,
+            budget=budgets,
+            row=jnp.arange(batch, dtype=jnp.int32),
+        )
+        out = dict(
+            tokens=jnp.full((batch, num_new), pad_id, jnp.int32),
+            logprobs=jnp.zeros((batch, num_new), jnp.float32),
+            length=jnp.zeros((batch,), jnp.int32),
+            stopped=jnp.zeros((batch,), bool),
+        )
+
+        def body(carry):
+            step, r, o = carry
+            logits, cache = model(
+                r["token"][:, None],
+                r["position"][:, None],
+                attention_mask=jnp.ones((r["token"].shape[0], 1), bool),
+                cache=r["cache"],
+            )
+            keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(rng, step), r["row"])
+            token, logp = sample_tokens(logits[:, -1], keys, temperature, top_p, static.mode)
+            active = ~r["done"]
+            token = jnp.where(active, token, pad_id)
+            logp = jnp.where(active, logp, 0.0)
+            length = r["length"] + active
+            hit_stop = active & jnp.any(token[:, None] == stop_ids[None, :], -1)
+            r = r | dict(
+                cache=cache,
+                token=token,
+                position=r["position"] + 1,
+                length=length,
+                stopped=r["stopped"] | hit_stop,
+                done=r["done"] | hit_stop | (length >= r["budget"]),
+            )
+            o = o | dict(
+                tokens=o["tokens"].at[r["row"], step].set(token),
+                logprobs=o["logprobs"].at[r["row"], step].set(logp),
+            )
+            return step + 1, r, o
+
+        step = jnp.int32(0)
+        sizes = self._stage_batches(batch)
+        for stage, size in enumerate(sizes):
+            if stage:  # keep the `size` rows that are still active (plus finished filler rows)
+                rows = self._compact(rows, jnp.argsort(rows["done"], stable=True)[:size])
+            next_size = sizes[stage + 1] if stage + 1 < len(sizes) else 0
+
+            def cond(carry, next_size=next_size):
+                active = jnp.sum(~carry[1]["done"])
+                return (carry[0] < num_new) & (active > next_size)
+
+            step, rows, out = jax.lax.while_loop(cond, body, (step, rows, out))
+            out = out | dict(
+                length=out["length"].at[rows["row"]].set(rows["length"]),
+                stopped=out["stopped"].at[rows["row"]].set(rows["stopped"]),
+            )
+        return out["tokens"], out["logprobs"], out["length"], out["stopped"]
+
+    def _stage_batches(self, batch: int) -> tuple[int, ...]:
+        """Batch sizes of the decode stages: halve while >= compact_min_batch (off: one stage)."""
+        sizes = [batch]
+        if self.compact_min_batch:
+            while (
+                sizes[-1] % 2 == 0
+                and sizes[-1] // 2 >= self.compact_min_batch
+                and (sizes[-1] // 2) % self._batch_shards == 0
+            ):
+                sizes.append(sizes[-1] // 2)
+        return tuple(sizes)
+
+    def _compact(self, rows: dict, keep: jax.Array) -> dict:
+        """Gathers the per-row decode state (and each row's KV cache) of rows `keep`."""
+        cache = rows["cache"]
+        cache = dataclasses.replace(
+            cache, k=cache.k[:, keep], v=cache.v[:, keep], key_mask=cache.key_mask[keep]
+        )
+        rest = {k: v[keep] for k, v in rows.items() if k != "cache"}
+        return rest | dict(cache=self._constrain_cache(cache))
+
+    def _constrain_cache(self, cache):
+        """Shards the KV cache's batch dimension like the batch (k, v: [L, B, S, H, D])."""
+        if self.mesh is None:
+            return cache
+        free = P.UNCONSTRAINED
+        kv = NamedSharding(self.mesh, P(None, BATCH_AXES, free, free, free))
+        return dataclasses.replace(
+            cache,
+            k=jax.lax.with_sharding_constraint(cache.k, kv),
+            v=jax.lax.with_sharding_constraint(cache.v, kv),
+            key_mask=jax.lax.with_sharding_constraint(
+                cache.key_mask, NamedSharding(self.mesh, P(BATCH_AXES, free))
+            ),
+        )
+
+
+def _assemble(ids, mask, resp_tokens, resp_logp, lengths, stopped, n, pad_id) -> Rollout:
+    """Builds the host-side Rollout from the prompt arrays and the decode results (numpy)."""
+    num_rows, prompt_len = ids.shape
+    num_new = resp_tokens.shape[1]
+    resp_mask = np.arange(num_new)[None, :] < lengths[:, None]
+    tokens = np.concatenate([ids, np.where(resp_mask, resp_tokens, pad_id)], 1).astype(np.int32)
+    attention_mask = np.concatenate([mask, resp_mask], 1)
+    response_mask = np.concatenate([np.zeros_like(mask), resp_mask], 1)
+    positions = np.maximum(np.cumsum(attention_mask, -1) - 1, 0).astype(np.int32)
+    logprobs = np.concatenate(
+        [np.zeros(mask.shape, np.float32), np.where(resp_mask, resp_logp, 0.0)], 1
+    ).astype(np.float32)
+    return Rollout(
+        tokens=tokens,
+        attention_mask=attention_mask,
+        positions=positions,
+        response_mask=response_mask,
+        logprobs=logprobs,
+        lengths=lengths.astype(np.int32),
+        stopped=stopped.astype(bool),
+        group_ids=(np.arange(num_rows) // n).astype(np.int32),
+        prompt_length=int(prompt_len),
+    )
+
+
+def decode_responses(rollout: Rollout, tokenizer, *, skip_special_tokens: bool = True) -> list[str]:
+    """Response texts of a rollout: each row's response tokens, without its stop token."""
+    start = rollout.prompt_length
+    ends = start + rollout.lengths - rollout.stopped.astype(np.int32)
+    rows = [rollout.tokens[i, start:end].tolist() for i, end in enumerate(ends)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens)

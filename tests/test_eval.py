@@ -1,0 +1,176 @@
+"""covjax.eval end to end: `python -m covjax.eval --checkpoint=WORKDIR` on a tiny random Qwen2.
+
+References: a direct count over the written responses.jsonl, a fresh scoring of every response,
+and transformers' PyTorch greedy `generate` for the greedy set.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import transformers
+from test_data import chatml, make_tokenizer, write_jsonl
+
+from covjax import eval as covjax_eval
+from covjax.rewards.math import score_batch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ANSWERS = [r"\boxed{1}", r"\boxed{2}", r"\boxed{3}", r"\boxed{4}"]
+WORDS = ANSWERS + "user assistant Solve step 1 2 3 4 x".split()
+MAX_NEW_TOKENS, SAMPLES_K = 12, 4
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A trainer-like workdir with a tiny model, two sets, and one CLI evaluation of it."""
+    root = tmp_path_factory.mktemp("eval")
+    tok, _ = make_tokenizer(WORDS)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )
+    torch_model = transformers.Qwen2ForCausalLM(config).eval()
+    workdir = root / "workdir"
+    os.makedirs(workdir / "hf_step_1")  # older (and empty): must not be picked
+    torch_model.save_pretrained(workdir / "hf_step_3")
+    # transformers 5 loads a tokenizer saved beside a qwen2 config.json as its own
+    # Qwen2Tokenizer (byte-level), not this word-level one: keep it in a folder of its own.
+    tok.save_pretrained(root / "tokenizer")
+
+    math500 = write_jsonl(
+        root / "math500.jsonl",
+        [{"problem": f"Solve {a} step x", "answer": str(a)} for a in (1, 2, 3, 4, 2)],
+    )
+    aime = root / "aime24.parquet"
+    pd.DataFrame({"problem": ["Solve x", "Solve 3 x", "step 4"], "answer": [2, 3, 4]}).to_parquet(
+        aime
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "covjax.eval",
+            f"--checkpoint={workdir}",
+            f"--tokenizer={root / 'tokenizer'}",
+            f"--data=math500={math500},aime24={aime}",
+            "--instruction=",
+            f"--max_new_tokens={MAX_NEW_TOKENS}",
+            f"--samples_k={SAMPLES_K}",
+            "--batch_size=8",
+            "--num_workers=1",
+            "--max_prompt_length=32",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = workdir / "eval" / "hf_step_3"
+    summary = json.loads((out / "results.json").read_text())
+    records = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    return dict(
+        stdout=result.stdout,
+        summary=summary,
+        records=records,
+        torch_model=torch_model,
+        tok=tok,
+        eos=eos,
+    )
+
+
+def test_records_and_scores(run):
+    records = run["records"]
+    assert [(r["set"], r["index"], r["sample"]) for r in records] == [
+        ("math500", i, 0) for i in range(5)
+    ] + [("aime24", i, j) for i in range(3) for j in range(SAMPLES_K)]
+    assert records[0]["prompt"] == chatml([{"role": "user", "content": "Solve 1 step x"}])
+    assert all(0 < r["response_length"] <= MAX_NEW_TOKENS for r in records)
+    fresh = score_batch([r["response"] for r in records], [r["ground_truth"] for r in records])
+    assert fresh == [r["score"] for r in records]
+    assert 0 < sum(fresh) < len(fresh)  # the random model answers some, not all: a real check
+
+
+def test_table_matches_direct_count(run):
+    records, summary = run["records"], run["summary"]
+    table = {line.split()[0]: line.split() for line in run["stdout"].splitlines() if line}
+    for name, k, temperature in (("math500", 1, 0.0), ("aime24", SAMPLES_K, 0.6)):
+        rows = [r for r in records if r["set"] == name]
+        scores = np.array([r["score"] for r in rows]).reshape(-1, k)
+        expected = {
+            "accuracy": scores.mean(),
+            "pass_at_k": (scores == 1).any(axis=1).mean(),
+            "mean_response_length": np.mean([r["response_length"] for r in rows]),
+            "frac_truncated": np.mean([not r["stopped"] for r in rows]),
+            "num_prompts": scores.shape[0],
+            "k": k,
+            "temperature": temperature,
+        }
+        got = summary["sets"][name]
+        assert {key: got[key] for key in expected} == pytest.approx(expected)
+        decoding, prompts, k_col, acc, pass_k, length = table[name][1:]
+        assert decoding == ("greedy" if k == 1 else "t=0.6")
+        assert (int(prompts), int(k_col)) == (expected["num_prompts"], k)
+        assert float(acc) == pytest.approx(expected["accuracy"], abs=5e-5)
+        assert float(pass_k) == pytest.approx(expected["pass_at_k"], abs=5e-5)
+        assert float(length) == pytest.approx(expected["mean_response_length"], abs=0.05)
+    mean = np.mean([summary["sets"][n]["accuracy"] for n in ("math500", "aime24")])
+    assert summary["average_accuracy"] == pytest.approx(mean)
+    assert float(table["average"][1]) == pytest.approx(mean, abs=5e-5)
+
+
+def test_greedy_responses_match_transformers(run):
+    tok, eos, torch_model = run["tok"], run["eos"], run["torch_model"]
+    for r in [r for r in run["records"] if r["set"] == "math500"]:
+        ids = torch.tensor([tok(r["prompt"], add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out = torch_model.generate(
+                ids,
+                max_new_tokens=MAX_NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=0,
+            )
+        new = out[0, ids.shape[1] :].tolist()
+        assert r["response_length"] == len(new)
+        assert r["response"] == tok.decode(new, skip_special_tokens=True)
+
+
+def test_checkpoint_resolution_and_flags(tmp_path):
+    for name in ("hf_step_5", "hf_step_20", "hf_step_100x"):
+        os.makedirs(tmp_path / name)
+    assert covjax_eval.resolve_checkpoint(str(tmp_path)) == str(tmp_path / "hf_step_20")
+    os.makedirs(tmp_path / "hf_final")
+    assert covjax_eval.resolve_checkpoint(str(tmp_path)) == str(tmp_path / "hf_final")
+    with pytest.raises(FileNotFoundError, match="empty_workdir"):
+        covjax_eval.resolve_checkpoint(str(tmp_path / "empty_workdir"))
+    assert covjax_eval.parse_data_flag("math500=a.jsonl, aime24=b.parquet") == {
+        "math500": "a.jsonl",
+        "aime24": "b.parquet",
+    }
+    with pytest.raises(ValueError, match="'oops' is not name=path"):
+        covjax_eval.parse_data_flag("math500=a.jsonl,oops")
+    assert [covjax_eval.is_sampled_set(n) for n in ("AIME24", "amc23", "math500", "minerva")] == [
+        True,
+        True,
+        False,
+        False,
+    ]

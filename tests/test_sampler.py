@@ -1,0 +1,363 @@
+"""Tests of covjax.sampler against independent references.
+
+References: transformers' PyTorch models and their greedy `generate` (tiny random Qwen2, Llama and
+Mistral models saved offline to tmp_path), closed-form softmax / top-k / top-p distributions in
+NumPy float64 (chi-square goodness of fit, scipy), and the training forward of covjax.model.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from scipy import stats
+
+from covjax.model import from_pretrained
+from covjax.sampler import Rollout, Sampler, SamplingMode, decode_responses, sample_tokens
+from covjax.sharding import make_mesh, shard_model
+
+VOCAB = 128
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+    initializer_range=0.1,  # spread-out logits: clear greedy margins, a non-flat distribution
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=0,
+)
+FAMILIES = {  # family -> (config class, model class, extra config)
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+}
+
+
+def _prompts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, VOCAB, size=n).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """family -> (saved folder, torch model) for tiny random models of each family."""
+    out = {}
+    for i, (family, (config_cls, model_cls, extra)) in enumerate(FAMILIES.items()):
+        torch.manual_seed(i)
+        config = getattr(transformers, config_cls)(**TINY, **extra)
+        model = getattr(transformers, model_cls)(config).eval()
+        path = tmp_path_factory.mktemp(family)
+        model.save_pretrained(path)
+        out[family] = (path, model)
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen(hf_models):
+    """(covjax model, torch model) of the tiny Qwen2."""
+    path, torch_model = hf_models["qwen2"]
+    return from_pretrained(path, dtype=jnp.float32), torch_model
+
+
+@pytest.fixture(scope="module")
+def qwen_sampler(qwen):
+    return Sampler(qwen[0], length_buckets=(16, 32), batch_buckets=(8, 16, 4096))
+
+
+def _torch_probs(torch_model, prompt, temperature):
+    """float64 softmax(logits / T) of the next token after `prompt`, from the PyTorch model."""
+    with torch.no_grad():
+        logits = torch_model(torch.tensor([prompt])).logits[0, -1].double().numpy()
+    z = logits / temperature
+    return np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+
+
+def _chi2_pvalue(counts, probs):
+    """Chi-square goodness of fit; bins with expected count < 5 are pooled into one."""
+    expected = probs * counts.sum()
+    small = expected < 5
+    obs = np.append(counts[~small], counts[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return stats.chisquare(obs, exp).pvalue
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_greedy_matches_transformers_generate(hf_models, family):
+    path, torch_model = hf_models[family]
+    model = from_pretrained(path, dtype=jnp.float32)
+    prompts = _prompts([3, 7, 12], seed=1)
+    rollout = Sampler(model).generate(
+        prompts, max_new_tokens=8, temperature=0.0, rng=jax.random.key(0)
+    )
+    p = rollout.prompt_length
+    for i, prompt in enumerate(prompts):
+        with torch.no_grad():
+            ref = torch_model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=8,
+                do_sample=False,
+                pad_token_id=0,
+            )[0, len(prompt) :].numpy()
+        np.testing.assert_array_equal(rollout.tokens[i, p:], ref, err_msg=f"prompt {i}")
+        np.testing.assert_array_equal(rollout.tokens[i, p - len(prompt) : p], prompt)
+    assert rollout.lengths.tolist() == [8, 8, 8] and not rollout.stopped.any()
+
+
+def test_sampled_frequencies_match_softmax_over_temperature(qwen, qwen_sampler):
+    _, torch_model = qwen
+    prompt = _prompts([5], seed=2)[0]
+    for i, temperature in enumerate((1.0, 0.7)):
+        rollout = qwen_sampler.generate(
+            [prompt], max_new_tokens=1, temperature=temperature, n=4096, rng=jax.random.key(3 + i)
+        )
+        tokens = rollout.tokens[:, rollout.prompt_length]
+        probs = _torch_probs(torch_model, prompt, temperature)
+        counts = np.bincount(tokens, minlength=VOCAB)
+        assert _chi2_pvalue(counts, probs) > 1e-3
+        np.testing.assert_allclose(
+            rollout.logprobs[:, rollout.prompt_length], np.log(probs[tokens]), atol=1e-4
+        )
+        # The test has power: the other temperature's distribution is rejected.
+        wrong = _torch_probs(torch_model, prompt, 0.7 if temperature == 1.0 else 1.0)
+        assert _chi2_pvalue(counts, wrong) < 1e-6
+    assert qwen_sampler.num_compilations == 1  # temperature is not part of the compiled program
+
+
+def _truncated_reference(probs, top_k, top_p):
+    """Analytic allowed set and renormalised probs: top-k, then top-p on the renormalised rest."""
+    order = np.argsort(-probs, kind="stable")
+    if top_k:
+        order = order[:top_k]
+    kept = probs[order] / probs[order].sum()
+    before = np.cumsum(kept) - kept
+    order, kept = order[before < top_p], kept[before < top_p]
+    out = np.zeros_like(probs)
+    out[order] = kept / kept.sum()
+    return out
+
+
+def _assert_support(tokens, ref):
+    """Only allowed tokens are sampled, and every allowed token expected >= 20 times appears."""
+    sampled = set(tokens.tolist())
+    assert sampled <= set(np.flatnonzero(ref).tolist())
+    assert set(np.flatnonzero(ref * len(tokens) >= 20).tolist()) <= sampled
+
+
+@pytest.mark.parametrize(
+    "top_k,top_p", [(0, 1.0), (7, 1.0), (0, "mid"), (12, "mid")], ids=["none", "k", "p", "k+p"]
+)
+def test_sample_tokens_truncation_is_exact(top_k, top_p):
+    vocab, rows = 40, 8192
+    logits = np.random.default_rng(0).normal(scale=2.0, size=vocab).astype(np.float32)
+    temperature = 0.8
+    z = logits.astype(np.float64) / temperature
+    probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    if top_p == "mid":  # halfway between two cumulative masses, far from any boundary
+        base = _truncated_reference(probs, top_k, 1.0)
+        cum = np.cumsum(np.sort(base)[::-1])
+        top_p = float((cum[3] + cum[4]) / 2)
+    ref = _truncated_reference(probs, top_k, top_p)
+    mode = SamplingMode(greedy=False, top_k=top_k, use_top_p=top_p < 1.0)
+    keys = jax.random.split(jax.random.key(0), rows)
+    tokens, logp = jax.jit(sample_tokens, static_argnums=4)(
+        jnp.tile(jnp.asarray(logits), (rows, 1)),
+        keys,
+        jnp.float32(temperature),
+        jnp.float32(top_p),
+        mode,
+    )
+    tokens, logp = np.asarray(tokens), np.asarray(logp)
+    _assert_support(tokens, ref)
+    np.testing.assert_allclose(logp, np.log(ref[tokens]), atol=1e-5)
+    assert _chi2_pvalue(np.bincount(tokens, minlength=vocab), ref) > 1e-3
+
+
+def test_greedy_sample_tokens_reports_raw_log_softmax():
+    logits = np.random.default_rng(1).normal(size=(5, 30)).astype(np.float32)
+    mode = SamplingMode(greedy=True, top_k=0, use_top_p=False)
+    keys = jax.random.split(jax.random.key(0), 5)
+    tokens, logp = sample_tokens(jnp.asarray(logits), keys, jnp.float32(1), jnp.float32(1), mode)
+    np.testing.assert_array_equal(tokens, logits.argmax(-1))
+    ref = logits.max(-1) - np.log(np.exp(logits.astype(np.float64)).sum(-1))
+    np.testing.assert_allclose(logp, ref, atol=1e-5)
+
+
+def test_top_k_top_p_in_generate_sample_only_allowed_tokens(qwen, qwen_sampler):
+    _, torch_model = qwen
+    prompt = _prompts([9], seed=4)[0]
+    probs = _torch_probs(torch_model, prompt, 1.0)
+    cum = np.cumsum(_truncated_reference(probs, 10, 1.0)[np.argsort(-probs)])
+    top_p = float((cum[5] + cum[6]) / 2)
+    ref = _truncated_reference(probs, 10, top_p)
+    rollout = qwen_sampler.generate(
+        [prompt], max_new_tokens=1, top_k=10, top_p=top_p, n=4096, rng=jax.random.key(5)
+    )
+    tokens = rollout.tokens[:, rollout.prompt_length]
+    _assert_support(tokens, ref)
+    np.testing.assert_allclose(
+        rollout.logprobs[:, rollout.prompt_length], np.log(ref[tokens]), atol=1e-4
+    )
+
+
+def _training_logprobs(model, rollout):
+    """log p(tokens[:, t] | tokens[:, :t]) from one training forward, float32 [N, P+R-1]."""
+
+    @nnx.jit
+    def forward(model, tokens, positions, mask):
+        logits = model(tokens, positions, attention_mask=mask)
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
+        return jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+
+    return np.asarray(forward(model, rollout.tokens, rollout.positions, rollout.attention_mask))
+
+
+def test_logprobs_equal_training_forward_and_n_responses_differ(qwen, qwen_sampler):
+    model, _ = qwen
+    rollout = qwen_sampler.generate(
+        _prompts([4, 10, 15], seed=6), max_new_tokens=16, n=3, rng=jax.random.key(7)
+    )
+    assert rollout.tokens.shape == (9, 32) and rollout.prompt_length == 16
+    np.testing.assert_array_equal(rollout.group_ids, np.repeat(np.arange(3), 3))
+    mask = rollout.response_mask[:, 1:]
+    assert mask.sum() == 9 * 16
+    ref = _training_logprobs(model, rollout)
+    np.testing.assert_allclose(rollout.logprobs[:, 1:][mask], ref[mask], atol=1e-5, rtol=0)
+    assert (rollout.logprobs[~rollout.response_mask] == 0).all()
+    for g in range(3):
+        responses = {tuple(r) for r in rollout.tokens[3 * g : 3 * g + 3, 16:].tolist()}
+        assert len(responses) == 3
+
+
+STOP_IDS = [t for t in range(VOCAB) if t % 12 == 1]
+STOP_CASE = dict(max_new_tokens=16, n=4, stop_token_ids=STOP_IDS, rng=jax.random.key(9))
+
+
+@pytest.fixture(scope="module")
+def stop_rollout(qwen_sampler):
+    return qwen_sampler.generate(_prompts([6, 13], seed=8), **STOP_CASE)
+
+
+def test_stop_tokens_end_sequences_and_mask_the_rest(stop_rollout):
+    rollout, stop_ids = stop_rollout, STOP_IDS
+    p = rollout.prompt_length
+    assert rollout.stopped.any() and not rollout.stopped.all()
+    for row in range(8):
+        length = rollout.lengths[row]
+        response = rollout.tokens[row, p : p + length]
+        is_stop = np.isin(response, stop_ids)
+        if rollout.stopped[row]:
+            assert is_stop[-1] and not is_stop[:-1].any()
+        else:
+            assert length == 16 and not is_stop.any()
+        assert rollout.response_mask[row, p : p + length].all()
+        assert rollout.attention_mask[row, p : p + length].all()
+        for field in ("response_mask", "attention_mask", "tokens", "logprobs"):
+            assert not getattr(rollout, field)[row, p + length :].any()
+        assert not rollout.response_mask[row, :p].any()
+        np.testing.assert_array_equal(
+            rollout.positions[row], np.maximum(np.cumsum(rollout.attention_mask[row]) - 1, 0)
+        )
+
+
+def test_compaction_leaves_results_unchanged(qwen, qwen_sampler):
+    prompts, budgets = _prompts([6, 13], seed=8), [16, 3, 16, 5, 2, 16, 7, 1]
+    ref = qwen_sampler.generate(prompts, budgets=budgets, **STOP_CASE)
+    sampler = Sampler(qwen[0], length_buckets=(16,), batch_buckets=(8,), compact_min_batch=4)
+    assert sampler._stage_batches(8) == (8, 4)
+    rollout = sampler.generate(prompts, budgets=budgets, **STOP_CASE)
+    # At most 4 rows were active before the last one finished: the half-size stage ran.
+    assert np.sort(ref.lengths)[-5] < ref.lengths.max()
+    assert (ref.lengths <= budgets).all()
+    for field in ("tokens", "logprobs", "lengths", "stopped", "attention_mask", "response_mask"):
+        np.testing.assert_array_equal(getattr(rollout, field), getattr(ref, field))
+
+
+def test_sharded_generation_equals_unsharded(hf_models):
+    path, _ = hf_models["llama"]
+    prompts = _prompts([5, 11], seed=10)
+    kwargs = dict(max_new_tokens=8, n=4, rng=jax.random.key(11))
+    ref = Sampler(from_pretrained(path, dtype=jnp.float32)).generate(prompts, **kwargs)
+    mesh = make_mesh(data=2, fsdp=4)
+    model = shard_model(from_pretrained(path, dtype=jnp.float32), mesh)
+    out = Sampler(model, mesh=mesh).generate(prompts, **kwargs)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+
+
+def test_buckets_bound_compilations_and_weights_are_read_live(hf_models):
+    path, _ = hf_models["mistral"]
+    model = from_pretrained(path, dtype=jnp.float32)
+    sampler = Sampler(model, length_buckets=(16, 32), batch_buckets=(2,))
+    p5, p11, p20 = _prompts([5, 11, 20], seed=12)
+    kwargs = dict(max_new_tokens=6, temperature=1.0, rng=jax.random.key(13))
+    first = sampler.generate([p5], **kwargs)
+    sampler.generate([p11], **kwargs)
+    assert sampler.num_compilations == 1
+    both = sampler.generate([p5, p20], **kwargs)
+    assert sampler.num_compilations == 2 and both.prompt_length == 32
+    # A row's sample does not depend on its padding or batch companions.
+    np.testing.assert_array_equal(both.tokens[0, 32:], first.tokens[0, 16:])
+    # An in-place update of the weights is seen without recompiling.
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda x: 3.0 * x, state))
+    changed = sampler.generate([p5], **kwargs)
+    assert sampler.num_compilations == 2
+    assert not np.array_equal(changed.tokens, first.tokens)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        (dict(prompts=[[1, 2], []]), "prompts\\[1\\] is empty"),
+        (dict(prompts=[]), "prompts is empty"),
+        (dict(prompts=[list(range(1, 100))], max_new_tokens=40), "max_position_embeddings"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(n=0), "n must"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(top_k=-1), "top_k"),
+        (dict(prompts=[[1, VOCAB]]), "vocab_size"),
+        (dict(max_new_tokens=128), "max_new_tokens"),
+        (dict(rng=None), "rng"),
+        (dict(budgets=[5]), "budgets"),
+        (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    ],
+)
+def test_bad_inputs_raise_before_compiling(qwen, override, match):
+    sampler = Sampler(qwen[0])
+    kwargs = dict(prompts=[[1, 2, 3]], max_new_tokens=4, rng=jax.random.key(0)) | override
+    with pytest.raises(ValueError, match=match):
+        sampler.generate(kwargs.pop("prompts"), **kwargs)
+    assert sampler.num_compilations == 0
+
+
+def test_decode_responses_drops_stop_token():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(10)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+    tokens = np.array([[0, 5, 3, 4, 9, 0], [7, 5, 2, 2, 2, 6]], np.int32)
+    rollout = Rollout(
+        tokens=tokens,
+        attention_mask=tokens > -1,
+        positions=np.zeros_like(tokens),
+        response_mask=np.zeros_like(tokens, bool),
+        logprobs=np.zeros(tokens.shape, np.float32),
+        lengths=np.array([3, 4], np.int32),
+        stopped=np.array([True, False]),
+        group_ids=np.array([0, 1], np.int32),
+        prompt_length=2,
+    )
+    assert decode_responses(rollout, tokenizer) == ["w3 w4", "w2 w2 w2 w6"]
