@@ -101,49 +101,6 @@ def _covjax_ce(hidden, unembed, targets, chunk_size: int = 1024):
     return logp
 
 
-@jax.custom_vjp
-def _head_logits(h, w):
-    """h @ w with float32 output; the backward matmuls run in h's dtype (bf16), not TF32."""
-    return jnp.dot(h, w, preferred_element_type=jnp.float32)
-
-
-def _head_logits_fwd(h, w):
-    return _head_logits(h, w), (h, w)
-
-
-def _head_logits_bwd(res, g):
-    h, w = res
-    g = g.astype(h.dtype)
-    dh = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(h.dtype)
-    dw = jnp.dot(h.T, g, preferred_element_type=jnp.float32).astype(w.dtype)
-    return dh, dw
-
-
-_head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
-
-
-def _bf16_grad_ce(hidden, unembed, targets, chunk_size: int = 1024):
-    """log p(target), chunked and rematerialised, with bf16 cotangents into the head matmuls."""
-    b, t, d = hidden.shape
-    n = b * t
-    chunk = min(chunk_size, n)
-    if n % chunk:
-        raise ValueError(f"--loss bf16-grad needs batch*seq_len={n} divisible by {chunk}")
-
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def chunk_logp(h, y):
-        logits = _head_logits(h, unembed)
-        picked = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
-        return picked - jax.nn.logsumexp(logits, axis=-1)
-
-    xs = (hidden.reshape(n // chunk, chunk, d), targets.reshape(n // chunk, chunk))
-    _, logp = jax.lax.scan(lambda c, x: (c, chunk_logp(*x)), None, xs)
-    return logp.reshape(b, t)
-
-
-LOSSES = {"covjax": _covjax_ce, "bf16-grad": _bf16_grad_ce}
-
-
 def covjax_config(s: Shape, args) -> ModelConfig:
     """The Qwen2.5-style covjax config of the benchmark shape."""
     return ModelConfig(
@@ -174,12 +131,11 @@ def make_covjax_step(s: Shape, args):
     graphdef, params = nnx.split(model)
     tx = optax.adamw(1e-5, b1=0.9, b2=0.95, weight_decay=0.01)
     opt_state = jax.jit(tx.init)(params)
-    token_logp = LOSSES[args.loss]
 
     def loss_fn(params, tokens):
         m = nnx.merge(graphdef, params)
         hidden = m.hidden_states(tokens[:, :-1])
-        return -jnp.mean(token_logp(hidden, m.unembed_kernel(), tokens[:, 1:]))
+        return -jnp.mean(_covjax_ce(hidden, m.unembed_kernel(), tokens[:, 1:]))
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state, tokens):
@@ -217,7 +173,6 @@ def run_covjax(s: Shape, args) -> dict:
         compile_s=compile_s,
         attention=args.attention,
         remat=args.remat,
-        loss=args.loss,
         scan_layers=not args.no_scan,
         device=jax.devices()[0].device_kind,
     )
@@ -337,14 +292,6 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--remat", choices=("none", "layer", "dots"), default="none")
     parser.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto")
-    parser.add_argument(
-        "--loss",
-        choices=tuple(LOSSES),
-        default="covjax",
-        help="covjax: covjax.losses.logprobs_and_entropy_chunked (log-probs and entropy, as "
-        "the RL trainer runs it); bf16-grad: this script's chunked CE whose head backward "
-        "matmuls take bf16 cotangents",
-    )
     parser.add_argument("--no-scan", action="store_true", help="Python loop over layers")
     parser.add_argument(
         "--impl",

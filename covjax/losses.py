@@ -76,6 +76,62 @@ def logprobs_and_entropy(
     return _logprobs_and_entropy(logits, targets, temperature)
 
 
+def _chunk_logits(hidden_chunk: jax.Array, unembed: jax.Array) -> jax.Array:
+    """[K, D] @ [D, V] -> [K, V] float32 logits (the matmul accumulates in float32)."""
+    return jnp.dot(hidden_chunk, unembed, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _chunked_head(hidden_chunks, unembed, target_chunks, temperature):
+    """(logp, entropy) [C, K] of C chunks of K tokens, the [K, V] logits one chunk at a time."""
+
+    def body(carry, xs):
+        hidden_chunk, target_chunk = xs
+        logits = _chunk_logits(hidden_chunk, unembed)
+        return carry, _logprobs_and_entropy(logits, target_chunk, temperature)
+
+    return jax.lax.scan(body, None, (hidden_chunks, target_chunks))[1]
+
+
+def _chunked_head_fwd(hidden_chunks, unembed, target_chunks, temperature):
+    # Only the inputs are saved: the backward pass recomputes each chunk's logits.
+    out = _chunked_head(hidden_chunks, unembed, target_chunks, temperature)
+    return out, (hidden_chunks, unembed, target_chunks, temperature)
+
+
+def _chunked_head_bwd(residuals, cotangents):
+    """Per chunk: recompute the logits, get their float32 cotangent G, cast G to the matmul
+    dtype (that of hidden @ unembed: bf16 in bf16 training, so the two backward GEMMs run in
+    bf16, not TF32), then dh = G W^T and dW += h^T G, both accumulating in float32. dW is
+    summed over the chunks in float32 and cast to unembed's dtype once at the end."""
+    hidden_chunks, unembed, target_chunks, temperature = residuals
+    matmul_dtype = jnp.result_type(hidden_chunks.dtype, unembed.dtype)
+
+    def body(carry, xs):
+        d_unembed, d_temperature = carry
+        hidden_chunk, target_chunk, d_logp, d_entropy = xs
+        logits = _chunk_logits(hidden_chunk, unembed)
+        _, vjp = jax.vjp(
+            lambda z, temp: _logprobs_and_entropy(z, target_chunk, temp), logits, temperature
+        )
+        d_logits, d_temp = vjp((d_logp, d_entropy))
+        d_logits = d_logits.astype(matmul_dtype)
+        d_hidden = jnp.dot(d_logits, unembed.T, preferred_element_type=jnp.float32)
+        d_unembed = d_unembed + jnp.dot(
+            hidden_chunk.T, d_logits, preferred_element_type=jnp.float32
+        )
+        return (d_unembed, d_temperature + d_temp), d_hidden.astype(hidden_chunk.dtype)
+
+    init = (jnp.zeros(unembed.shape, jnp.float32), jnp.zeros_like(temperature))
+    (d_unembed, d_temperature), d_hidden = jax.lax.scan(
+        body, init, (hidden_chunks, target_chunks, *cotangents)
+    )
+    return d_hidden, d_unembed.astype(unembed.dtype), None, d_temperature
+
+
+_chunked_head.defvjp(_chunked_head_fwd, _chunked_head_bwd)
+
+
 def logprobs_and_entropy_chunked(
     hidden: jax.Array,
     unembed: jax.Array,
@@ -87,8 +143,12 @@ def logprobs_and_entropy_chunked(
     """``logprobs_and_entropy(hidden @ unembed, targets)`` without ``[B, T, V]`` float32 logits.
 
     The ``B * T`` tokens are cut into chunks of ``chunk_size`` tokens; a ``lax.scan`` computes one
-    chunk's float32 logits ``[chunk_size, V]`` at a time, and ``jax.checkpoint`` recomputes them in
-    the backward pass instead of storing them, so peak logit memory is one chunk in both passes.
+    chunk's float32 logits ``[chunk_size, V]`` at a time, and the backward pass (a custom VJP)
+    recomputes them chunk by chunk instead of storing them, so peak logit memory is one chunk in
+    both passes. The backward matmuls take the logits' cotangent cast to the dtype of
+    ``hidden @ unembed`` (bf16 GEMMs with float32 accumulation in bf16 training; exactly the
+    float32 gradient when both are float32), and the gradient of ``unembed`` is summed over the
+    chunks in float32 before one cast to ``unembed.dtype``.
 
     Args:
       hidden: ``[B, T, D]`` final hidden states (any float dtype).
@@ -113,19 +173,11 @@ def logprobs_and_entropy_chunked(
     pad = num_chunks * chunk - num_tokens
     hidden_chunks = jnp.pad(hidden.reshape(num_tokens, width), ((0, pad), (0, 0)))
     target_chunks = jnp.pad(targets.reshape(num_tokens).astype(jnp.int32), (0, pad))
-
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def chunk_fn(hidden_chunk, target_chunk, kernel):
-        logits = jnp.dot(hidden_chunk, kernel, preferred_element_type=jnp.float32)
-        return _logprobs_and_entropy(logits, target_chunk, temperature)
-
-    def body(carry, xs):
-        return carry, chunk_fn(*xs, unembed)
-
-    _, (logp, entropy) = jax.lax.scan(
-        body,
-        None,
-        (hidden_chunks.reshape(num_chunks, chunk, width), target_chunks.reshape(num_chunks, chunk)),
+    logp, entropy = _chunked_head(
+        hidden_chunks.reshape(num_chunks, chunk, width),
+        unembed,
+        target_chunks.reshape(num_chunks, chunk),
+        jnp.asarray(temperature, jnp.float32),
     )
     logp = logp.reshape(-1)[:num_tokens].reshape(batch, length)
     entropy = entropy.reshape(-1)[:num_tokens].reshape(batch, length)

@@ -244,6 +244,92 @@ def test_chunked_scans_chunks_without_full_logits():
     assert "f32[64,50]" not in text and "f32[4,16,50]" not in text
 
 
+def test_chunked_temperature_gradient_matches_unchunked():
+    """d/d(temperature) of a weighted sum of logp and entropy, chunked vs one [B, T, V] softmax."""
+    rs = np.random.default_rng(2)
+    hidden = jnp.asarray(rs.normal(0, 1, (2, 5, 4)), jnp.float32)
+    unembed = jnp.asarray(rs.normal(0, 1, (4, 11)), jnp.float32)
+    targets = jnp.asarray(rs.integers(0, 11, (2, 5)))
+
+    def full(temperature):
+        logp, entropy = losses.logprobs_and_entropy(hidden @ unembed, targets, temperature)
+        return jnp.sum(logp) + 0.5 * jnp.sum(entropy)
+
+    def chunked(temperature):
+        logp, entropy = losses.logprobs_and_entropy_chunked(
+            hidden, unembed, targets, temperature, chunk_size=3
+        )
+        return jnp.sum(logp) + 0.5 * jnp.sum(entropy)
+
+    assert_close(jax.grad(chunked)(0.8), float(jax.grad(full)(0.8)), rtol=1e-5)
+
+
+def _dot_operand_dtypes(jaxpr):
+    """Operand dtypes of every dot_general in a jaxpr and its sub-jaxprs (scan bodies, ...)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield tuple(var.aval.dtype for var in eqn.invars)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from _dot_operand_dtypes(sub)
+
+
+def test_chunked_bf16_gradient_is_close_to_float32():
+    """bf16 hidden/unembed: the logits' cotangent enters the head matmuls in bf16, yet logp,
+    entropy and both gradients stay within bf16 rounding of the float32 computation at the same
+    (bf16-representable) inputs, and the gradients come back in bf16."""
+    rs = np.random.default_rng(3)
+    hidden = jnp.asarray(rs.normal(0, 1, (3, 7, 16)), jnp.bfloat16)
+    unembed = jnp.asarray(rs.normal(0, 0.3, (16, 40)), jnp.bfloat16)
+    targets = jnp.asarray(rs.integers(0, 40, (3, 7)))
+    weights = jnp.asarray(rs.normal(0, 1, (2, 3, 7)), jnp.float32)
+
+    def objective(h, w):
+        logp, entropy = losses.logprobs_and_entropy_chunked(h, w, targets, 0.9, chunk_size=5)
+        return jnp.sum(weights[0] * logp + weights[1] * entropy), (logp, entropy)
+
+    grad = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True))
+    (gh16, gw16), (logp16, ent16) = grad(hidden, unembed)
+    h32, w32 = hidden.astype(jnp.float32), unembed.astype(jnp.float32)
+    (gh32, gw32), (logp32, ent32) = grad(h32, w32)
+    ref_logp, ref_ent = np_logprobs_entropy(
+        np.asarray(h32, np.float64) @ np.asarray(w32, np.float64), np.asarray(targets), 0.9
+    )
+    assert gh16.dtype == gw16.dtype == jnp.bfloat16
+    assert logp16.dtype == ent16.dtype == jnp.float32
+    # bf16 x bf16 products are exact in float32: the forward pass is float32-accurate.
+    assert_close(logp16, ref_logp, rtol=1e-5, atol=1e-5)
+    assert_close(ent16, ref_ent, rtol=1e-5, atol=1e-5)
+    assert_close(logp32, ref_logp, rtol=1e-5, atol=1e-5)
+    for g16, g32 in [(gh16, gh32), (gw16, gw32)]:
+        g16, g32 = np.asarray(g16, np.float64), np.asarray(g32, np.float64)
+        assert np.abs(g16 - g32).max() <= 1e-2 * np.abs(g32).max()
+    # Forward and both backward head matmuls multiply bf16 by bf16 (none runs as f32/TF32).
+    jaxpr = jax.make_jaxpr(jax.grad(lambda h, w: objective(h, w)[0], argnums=(0, 1)))
+    operand_dtypes = set(_dot_operand_dtypes(jaxpr(hidden, unembed).jaxpr))
+    assert operand_dtypes == {(jnp.dtype(jnp.bfloat16),) * 2}
+
+
+def test_chunked_bf16_unembed_gradient_accumulates_in_float32():
+    """512 chunks each add exactly 1.0 to every dW entry (uniform softmax over V = 2 with
+    unit hidden states): a bf16 running sum stalls at 256 (256 + 1 rounds back to 256); the
+    float32 sum is 512 exactly, which bf16 also represents exactly."""
+    hidden = jnp.ones((4, 256, 3), jnp.bfloat16)
+    unembed = jnp.zeros((3, 2), jnp.bfloat16)
+    targets = jnp.zeros((4, 256), jnp.int32)
+
+    def total_logp(w):
+        logp, _ = losses.logprobs_and_entropy_chunked(hidden, w, targets, chunk_size=2)
+        return jnp.sum(logp)
+
+    d_unembed = jax.jit(jax.grad(total_logp))(unembed)
+    assert d_unembed.dtype == jnp.bfloat16
+    # d logp / d logits = onehot(target) - softmax = (+1/2, -1/2) per token, 1024 tokens.
+    np.testing.assert_array_equal(np.asarray(d_unembed, np.float32), [[512.0, -512.0]] * 3)
+
+
 # --------------------------------------------------------------------------------------------
 # Policy losses against NumPy
 # --------------------------------------------------------------------------------------------

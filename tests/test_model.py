@@ -6,6 +6,7 @@ offline with random weights (2 layers, hidden 64, vocabulary 256) and saved to t
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -236,6 +237,46 @@ def test_fully_padded_rows_are_finite(hf_dirs):
     step = nnx.jit(lambda m, i, p, a, c: m(i, p, attention_mask=a, cache=c))
     logits, _ = step(model, *map(jnp.asarray, (ids, positions, mask)), cache)
     assert np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_decode_loop_updates_cache_in_place(scan_layers):
+    """A compiled while-loop of one-token cached forwards (as the sampler's decode) writes the
+    new slot in place: no copy, broadcast or concatenate produces a whole [L, B, S, Hkv, Dh]
+    cache (the old scan-xs/ys and jnp.stack caches produced one of those every token)."""
+    config = ModelConfig(
+        architecture="qwen2",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        attention_bias=True,
+        tie_word_embeddings=True,
+        scan_layers=scan_layers,
+    )
+    graphdef, state = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
+    cache = init_cache(config, batch_size=2, max_len=24)
+
+    def decode(state, cache, ids):
+        model = nnx.merge(graphdef, state)
+
+        def body(_, carry):
+            ids, cache = carry
+            logits, cache = model(ids, attention_mask=jnp.ones(ids.shape, bool), cache=cache)
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
+
+        return jax.lax.fori_loop(0, 4, body, (ids, cache))
+
+    ids = jnp.zeros((2, 1), jnp.int32)
+    hlo = jax.jit(decode, donate_argnums=1).lower(state, cache, ids).compile().as_text()
+    cache_shape = re.escape(f"f32[{','.join(map(str, cache.k.shape))}]")
+    ops = re.findall(rf"= {cache_shape}\{{[\d,]*\}} ([\w-]+)\(", hlo)
+    assert "parameter" in ops, "the pattern must match the cache's own HLO shape"
+    copies = [op for op in ops if op in ("copy", "broadcast", "concatenate")]
+    assert not copies, f"whole-cache {copies} in the compiled decode loop"
 
 
 @nnx.jit

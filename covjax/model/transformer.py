@@ -180,8 +180,12 @@ class Block(nnx.Module):
     def _w(self, name: str) -> jax.Array:
         return getattr(self, name)[...].astype(self.config.jnp_compute_dtype)
 
-    def attention(self, x, cos, sin, masks, kv, index):
+    def attention(self, x, cos, sin, masks, kv, index, layer):
         """GQA self-attention; with `kv` the new keys/values are written at slot `index`.
+
+        kv = (k, v) of ALL layers [L, B, S, Hkv, Dh] (or None): this block writes its T new
+        keys/values at (layer, :, index) with one dynamic_update_slice and attends to k[layer],
+        so under lax.scan / while_loop XLA updates the cache in place instead of copying it.
 
         masks = (mask [B, 1, T, S] bool or None, query_valid [B, T] bool or None). Without a
         cache the causal mask is implicit (`is_causal`, so cuDNN skips the masked blocks) and
@@ -199,10 +203,12 @@ class Block(nnx.Module):
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
         new_kv = None
         if kv is not None:
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-            new_kv = (k, v)
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
+            start = (layer, 0, index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(kv[0], k[None].astype(kv[0].dtype), start)
+            v_all = jax.lax.dynamic_update_slice(kv[1], v[None].astype(kv[1].dtype), start)
+            new_kv = (k_all, v_all)
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False).astype(q.dtype)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False).astype(q.dtype)
         if c.sliding_window is not None and k.shape[1] > c.sliding_window:
             raise ValueError(
                 f"sliding_window={c.sliding_window} is smaller than the {k.shape[1]} attended "
@@ -228,10 +234,11 @@ class Block(nnx.Module):
         h = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
         return jnp.einsum("btf,fd->btd", h, self._w("down_proj"))
 
-    def __call__(self, x, cos, sin, masks, kv=None, index=None):
+    def __call__(self, x, cos, sin, masks, kv=None, index=None, layer=None):
+        """(x', kv'): kv is the all-layer cache (or None), `layer` this block's index in it."""
         eps = self.config.rms_norm_eps
         attn, new_kv = self.attention(
-            rms_norm(x, self.input_norm[...], eps), cos, sin, masks, kv, index
+            rms_norm(x, self.input_norm[...], eps), cos, sin, masks, kv, index, layer
         )
         x = constrain(x + attn, ("act_batch", "act_length", "act_embed"))
         x = x + self.mlp(rms_norm(x, self.post_norm[...], eps))
@@ -345,23 +352,22 @@ class Transformer(nnx.Module):
         """The blocks, stacked under lax.scan or as a Python loop; both call the same Block."""
         c = self.config
 
-        def layer(graphdef, state, x, layer_kv):
-            return nnx.merge(graphdef, state)(x, cos, sin, masks, layer_kv, index)
+        def run_block(graphdef, state, x, kv, layer):
+            return nnx.merge(graphdef, state)(x, cos, sin, masks, kv, index, layer)
 
+        # The all-layer cache rides in the carry (not as scan xs/ys, nor rebuilt with jnp.stack)
+        # and each block updates its own slice, so a decode step writes one slot, not the cache.
         if c.scan_layers:
             graphdef, state = nnx.split(self.layers)
-            step = _remat(functools.partial(layer, graphdef), c.remat, in_scan=True)
+            step = _remat(functools.partial(run_block, graphdef), c.remat, in_scan=True)
 
-            def body(x, xs):
-                return step(xs[0], x, xs[1])
+            def body(carry, xs):
+                return step(xs[0], *carry, xs[1]), None
 
-            return jax.lax.scan(body, x, (state, kv))
-        new_k, new_v = [], []
+            layers = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
+            return jax.lax.scan(body, (x, kv), (state, layers))[0]
         for i, block in enumerate(self.layers):
             graphdef, state = nnx.split(block)
-            step = _remat(functools.partial(layer, graphdef), c.remat, in_scan=False)
-            x, layer_kv = step(state, x, None if kv is None else (kv[0][i], kv[1][i]))
-            if layer_kv is not None:
-                new_k.append(layer_kv[0])
-                new_v.append(layer_kv[1])
-        return x, (None if kv is None else (jnp.stack(new_k), jnp.stack(new_v)))
+            step = _remat(functools.partial(run_block, graphdef), c.remat, in_scan=False)
+            x, kv = step(state, x, kv, i)
+        return x, kv
