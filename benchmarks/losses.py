@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import statistics
 import time
@@ -120,6 +121,11 @@ def main() -> None:
             f"{select_ms:>11.3f}{num_selected:>11}"
         )
 
+    result = {
+        "size": [batch, length],
+        "median_ms": median,
+        "x_ppo": {name: median[name] / median["ppo"] for name in RECIPES},
+    }
     if args.primitives:
         size = batch * length
         k_max = max(1, math.ceil(2e-4 * size))
@@ -133,6 +139,8 @@ def main() -> None:
         print(f"# selection primitives over {size} float32 keys: median ms")
         for name, t in times.items():
             print(f"{name:<24}{statistics.median(t):>10.3f}")
+        result["primitives_ms"] = {name: statistics.median(t) for name, t in times.items()}
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

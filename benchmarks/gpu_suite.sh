@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The whole GPU benchmark set in one call on one H100/H200 (issue 9), peers in the same call.
+#
+#   bash benchmarks/gpu_suite.sh            # one GPU, about 8 minutes
+#   TINY=1 bash benchmarks/gpu_suite.sh     # small shapes on the CPU: checks the script itself
+#
+# Imports only jax, flax, optax, numpy, transformers and torch (plus covjax). The Tunix peer runs
+# when its wheel is unpacked: TUNIX_WHEEL (default .whl/google_tunix-0.1.7-py3-none-any.whl,
+# from `pip download --no-deps google-tunix==0.1.7 -d .whl/`) and TUNIX_PROBE (default
+# build/peers/tunix_probe.py, a copy of shared/peers/tunix_probe.py). Logs and RESULT lines go to
+# $OUT (default build/gpu_suite); the last thing printed is one markdown table.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit
+export OUT=${OUT:-build/gpu_suite}
+mkdir -p "$OUT"
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+TUNIX_WHEEL=${TUNIX_WHEEL:-.whl/google_tunix-0.1.7-py3-none-any.whl}
+TUNIX_PROBE=${TUNIX_PROBE:-build/peers/tunix_probe.py}
+PY=${PYTHON:-python3}
+
+if [[ -n "${TINY:-}" ]]; then
+  losses_args=(--size cpu --repeats 3) train_args=(--tiny --peer torch)
+  sampler_args=(--tiny) rl_args=(--tiny)
+else
+  losses_args=(--size paper --primitives) train_args=(--peer torch)
+  sampler_args=(--batch "64,256" --peer transformers) rl_args=()
+fi
+
+bench() {  # name timeout_s command...: runs one benchmark, its output to the screen and $OUT/name.log
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name: $*"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+}
+
+bench losses 90 "$PY" benchmarks/losses.py "${losses_args[@]}"
+bench train_step 150 "$PY" benchmarks/train_step.py "${train_args[@]}"
+bench sampler 150 "$PY" benchmarks/sampler.py "${sampler_args[@]}"
+if [[ -z "${TINY:-}" && -f "$TUNIX_WHEEL" && -f "$TUNIX_PROBE" ]]; then
+  rm -rf build/tunix && "$PY" -m zipfile -e "$TUNIX_WHEEL" build/tunix
+  PYTHONPATH=build/tunix bench tunix 100 "$PY" "$TUNIX_PROBE" --size 0.5b \
+    --batch "64,256" --prompt_len 128 --new_tokens 256
+fi
+bench rl_step 120 "$PY" benchmarks/rl_step.py "${rl_args[@]}"
+"$PY" benchmarks/gpu_summary.py "$OUT"

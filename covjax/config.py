@@ -1,0 +1,413 @@
+"""The config schema of `python -m covjax.train`: every key, its default, its type and its range.
+
+A config file (configs/*.py) builds on `base_config()` (through `toy_config` or `paper_recipe`) and
+changes values; `validate` then checks the resolved config (after the command-line overrides)
+before anything is compiled: an unknown key, a value of the wrong type or out of its range stops
+the run with an error that names the key, e.g.
+`config.loss.clip_cov_ratio=2.0 is out of range (0, 1]`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ml_collections
+
+METHODS = ("ppo", "dual_clip", "clip_cov", "kl_cov")  # grpo and clip-higher are "ppo"
+LOSS_AGG_MODES = (
+    "token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+    "token-sum",
+)
+ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key of the schema with its default: the toy task (easy) with Clip-Cov on a CPU."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # --- Model: a local Hugging Face folder; empty = the toy's tiny Qwen2-shaped model.
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""
+    c.model.tokenizer_path = ""  # "" = model.path
+    c.model.param_dtype = "float32"  # master weights and optimizer state: keep fp32
+    c.model.compute_dtype = "float32"  # bfloat16 on accelerators
+    c.model.remat = "none"  # "layer": recompute each layer in the backward pass
+    c.model.scan_layers = False
+
+    # --- Data: "toy" (covjax/rewards/toy.py) or "math" (local parquet/jsonl files).
+    c.data = ml_collections.ConfigDict()
+    c.data.task = "toy"
+    c.data.train_files = ""  # comma-separated local files (math)
+    c.data.eval_files = ""  # "name=path,name=path" (math)
+    c.data.schema = "auto"  # record layout of the data files, see covjax/data.py
+    c.data.max_prompt_length = 2  # tokens; longer prompts are dropped by the loader
+    c.data.prompt_suffix = ""  # instruction after each question; "" = covjax.data's default
+    c.data.toy = ml_collections.ConfigDict()
+    c.data.toy.variant = "easy"  # "easy" saturates, "hard" shows the entropy-reward law
+    c.data.toy.warm_start_steps = 600
+    c.data.toy.warm_start_batch = 256
+    c.data.toy.warm_start_lr = 3e-3
+    c.data.toy.warm_start_frac_correct = 0.65  # TOY.md: 25% learned nothing, 100% hit 0.91
+    c.data.toy.cache_dir = "~/.cache/covjax/toy"  # warm starts, shared by runs; "" = no cache
+    c.data.toy.eval_samples = 16  # responses per target for val/toy/accuracy
+
+    # --- Rollout (sampler).
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.n = 8  # responses per prompt (the GRPO group)
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0  # 0 = off
+    c.rollout.max_new_tokens = 7  # the toy's 6 digits + EOS
+    c.rollout.max_gen_rounds = 3  # dynamic sampling: generation rounds to fill one step
+
+    # --- Policy loss (covjax.losses.policy_loss keywords).
+    c.loss = ml_collections.ConfigDict()
+    c.loss.method = "clip_cov"
+    c.loss.clip_low = 1.0  # Clip-Cov recipe: eps = 1 so PPO clipping only trims extremes
+    c.loss.clip_high = 1.0
+    c.loss.dual_clip_c = 3.0
+    c.loss.clip_cov_ratio = 5e-2  # toy: the paper's 2e-4 touches one token of a mini-batch
+    c.loss.clip_cov_lb = 1.0
+    c.loss.clip_cov_ub = 5.0
+    c.loss.kl_cov_ratio = 5e-2
+    c.loss.kl_cov_coef = 1.0  # beta; the paper and recipes use 1 (verl's file default is 0.1)
+    c.loss.loss_agg_mode = "token-mean"
+    c.loss.cov_scope = "minibatch"  # "microbatch" = the reference's per-micro-batch selection
+    c.loss.entropy_coef = 0.0
+    c.loss.kl_coef = 0.0  # > 0 keeps a frozen reference policy and adds a KL loss
+    c.loss.kl_estimator = "low_var_kl"
+
+    # --- Advantages.
+    c.advantage = ml_collections.ConfigDict()
+    c.advantage.estimator = "grpo"
+    # DAPO's filter of groups whose rewards all agree (on in the paper's recipe). In the toy it
+    # also keeps saturated steps from feeding AdamW all-zero gradients: without it, lr 5e-4
+    # oscillated once reward saturated (measured: reward dips to 0.42 near step 285).
+    c.advantage.dynamic_sampling = True
+
+    # --- Optimizer: optax AdamW on fp32 master weights.
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 5e-4
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip = 1.0  # global norm
+    c.optim.warmup_steps = 0  # optimizer updates of linear warmup
+
+    # --- Device mesh (covjax.sharding.make_mesh): -1 = the remaining devices.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    # --- Training loop. Intervals count RL steps; 0 turns the thing off.
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 300  # TOY.md; the easy variant saturates by ~30, entropy keeps falling
+    c.train.prompts_per_step = 64
+    c.train.mini_batch_prompts = 16  # 4 optimizer updates per rollout step
+    c.train.micro_batch_size = 128  # responses per forward/backward
+    c.train.logprob_chunk_size = 1024  # tokens per chunk of the log-softmax over the vocabulary
+    c.train.checkpoint_interval = 50
+    c.train.eval_interval = 10
+    c.train.log_interval = 10  # a log line of the headline metrics (metrics.jsonl: every step)
+    c.train.cov_dump_interval = 10
+    c.train.entropy_check_interval = 10  # one more no-grad forward on those steps
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _choice(options: tuple) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in options), f"not one of {list(options)}"
+
+
+def _interval(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+    def ok(v):
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    right = ")" if hi_open or hi == math.inf else "]"
+    return ok, f"out of range {'(' if lo_open else '['}{lo}, {hi}{right}"
+
+
+_POSITIVE = ((lambda v: v > 0), "out of range (0, inf)")
+_NON_NEGATIVE = ((lambda v: v >= 0), "out of range [0, inf)")
+_AT_LEAST_ONE = ((lambda v: v >= 1), "out of range [1, inf)")
+_MESH_AXIS = ((lambda v: v >= 1 or v == -1), "not >= 1 or -1 (the remaining devices)")
+
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": _NON_NEGATIVE,
+    "model.param_dtype": _choice(DTYPES),
+    "model.compute_dtype": _choice(DTYPES),
+    "model.remat": _choice(("none", "layer")),
+    "data.task": _choice(("toy", "math")),
+    "data.max_prompt_length": _AT_LEAST_ONE,
+    "data.toy.variant": _choice(("easy", "hard")),
+    "data.toy.warm_start_steps": _NON_NEGATIVE,
+    "data.toy.warm_start_batch": _AT_LEAST_ONE,
+    "data.toy.warm_start_lr": _POSITIVE,
+    "data.toy.warm_start_frac_correct": _interval(0, 1),
+    "data.toy.eval_samples": _AT_LEAST_ONE,
+    "rollout.n": _AT_LEAST_ONE,
+    "rollout.temperature": _interval(0, math.inf, lo_open=True),
+    "rollout.top_p": _interval(0, 1, lo_open=True),
+    "rollout.top_k": _NON_NEGATIVE,
+    "rollout.max_new_tokens": _AT_LEAST_ONE,
+    "rollout.max_gen_rounds": _AT_LEAST_ONE,
+    "loss.method": _choice(METHODS),
+    "loss.clip_low": _interval(0, 1),
+    "loss.clip_high": _NON_NEGATIVE,
+    "loss.dual_clip_c": _interval(1, math.inf, lo_open=True),
+    "loss.clip_cov_ratio": _interval(0, 1, lo_open=True),
+    "loss.kl_cov_ratio": _interval(0, 1, lo_open=True),
+    "loss.kl_cov_coef": _NON_NEGATIVE,
+    "loss.loss_agg_mode": _choice(LOSS_AGG_MODES),
+    "loss.cov_scope": _choice(("minibatch", "microbatch")),
+    "loss.entropy_coef": _NON_NEGATIVE,
+    "loss.kl_coef": _NON_NEGATIVE,
+    "loss.kl_estimator": _choice(("k1", "k2", "k3", "low_var_kl")),
+    "advantage.estimator": _choice(ESTIMATORS),
+    "optim.lr": _POSITIVE,
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.grad_clip": _POSITIVE,
+    "optim.warmup_steps": _NON_NEGATIVE,
+    "mesh.data": _MESH_AXIS,
+    "mesh.fsdp": _MESH_AXIS,
+    "mesh.tensor": _MESH_AXIS,
+    "train.steps": _AT_LEAST_ONE,
+    "train.prompts_per_step": _AT_LEAST_ONE,
+    "train.mini_batch_prompts": _AT_LEAST_ONE,
+    "train.micro_batch_size": _AT_LEAST_ONE,
+    "train.logprob_chunk_size": _AT_LEAST_ONE,
+    "train.checkpoint_interval": _NON_NEGATIVE,
+    "train.eval_interval": _NON_NEGATIVE,
+    "train.log_interval": _AT_LEAST_ONE,
+    "train.cov_dump_interval": _NON_NEGATIVE,
+    "train.entropy_check_interval": _NON_NEGATIVE,
+}
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    """bool must be bool, int must be int (not bool), float accepts int, str must be str."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return type(value) is type(default)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the key on an unknown/missing key, a wrong type or a bad value."""
+    schema = _flatten(base_config().to_dict())
+    values = _flatten(config.to_dict())
+    unknown = sorted(set(values) - set(schema))
+    if unknown:
+        raise ValueError(f"config.{unknown[0]} is not a known key (unknown keys: {unknown})")
+    missing = sorted(set(schema) - set(values))
+    if missing:
+        raise ValueError(f"config.{missing[0]} is missing (missing keys: {missing})")
+    for key, default in schema.items():
+        value = values[key]
+        if not _type_ok(value, default):
+            raise ValueError(
+                f"config.{key}={value!r} has type {type(value).__name__}, "
+                f"expected {type(default).__name__}"
+            )
+        if key in RANGES:
+            ok, why = RANGES[key]
+            if not ok(value):
+                raise ValueError(f"config.{key}={value!r} is {why}")
+    _validate_relations(config)
+
+
+def _validate_relations(c: ml_collections.ConfigDict) -> None:
+    """Checks between keys: batch divisibility, the Clip-Cov band, real-model inputs."""
+    if c.train.prompts_per_step % c.train.mini_batch_prompts:
+        raise ValueError(
+            f"config.train.prompts_per_step={c.train.prompts_per_step} is not a multiple of "
+            f"config.train.mini_batch_prompts={c.train.mini_batch_prompts}"
+        )
+    mini_batch = c.train.mini_batch_prompts * c.rollout.n
+    if mini_batch % c.train.micro_batch_size:
+        raise ValueError(
+            f"config.train.micro_batch_size={c.train.micro_batch_size} does not divide the "
+            f"mini-batch of {mini_batch} responses (mini_batch_prompts * rollout.n)"
+        )
+    if c.loss.clip_cov_lb >= c.loss.clip_cov_ub:
+        raise ValueError(
+            f"config.loss.clip_cov_lb={c.loss.clip_cov_lb} must be below "
+            f"config.loss.clip_cov_ub={c.loss.clip_cov_ub}"
+        )
+    if c.rollout.n < 2 and c.advantage.estimator in ("grpo", "dr_grpo", "rloo"):
+        raise ValueError(
+            f"config.rollout.n={c.rollout.n}: the {c.advantage.estimator} estimator needs at "
+            "least 2 responses per prompt"
+        )
+    if c.data.task == "toy":
+        if c.model.path:
+            raise ValueError(f"config.model.path={c.model.path!r} must be empty for the toy task")
+        return
+    if not c.model.path:
+        raise ValueError("config.model.path is empty: set it to a local Hugging Face model folder")
+    for key in ("path", "tokenizer_path"):
+        path = c.model[key]
+        if path and not os.path.isdir(os.path.expanduser(path)):
+            raise FileNotFoundError(f"config.model.{key}={path!r} is not a directory")
+    if not c.data.train_files:
+        raise ValueError("config.data.train_files is empty: set it to local parquet/jsonl files")
+    for path in split_files(c.data.train_files):
+        if not os.path.exists(os.path.expanduser(path)):
+            raise FileNotFoundError(f"config.data.train_files: {path!r} does not exist")
+    for name, path in split_named_files(c.data.eval_files).items():
+        if not os.path.exists(os.path.expanduser(path)):
+            raise FileNotFoundError(f"config.data.eval_files: {name}={path!r} does not exist")
+
+
+def split_files(spec: str) -> list[str]:
+    """"a.parquet,b.jsonl" -> ["a.parquet", "b.jsonl"]."""
+    return [s.strip() for s in spec.split(",") if s.strip()]
+
+
+def split_named_files(spec: str) -> dict[str, str]:
+    """"math500=a.parquet,aime=b.jsonl" -> {"math500": "a.parquet", "aime": "b.jsonl"}."""
+    out = {}
+    for item in split_files(spec):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"config.data.eval_files entry {item!r} is not name=path")
+        out[name.strip()] = path.strip()
+    return out
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    """The resolved config as indented JSON (written to the workdir at start)."""
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared bases of configs/*.py
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_arg(arg: str | None, allowed: tuple[str, ...]) -> set[str]:
+    """The comma-separated words of a config argument ("smoke,hard"), each checked."""
+    words = {w.strip() for w in (arg or "").split(",") if w.strip()}
+    bad = sorted(words - set(allowed))
+    if bad:
+        raise ValueError(f"config argument {arg!r}: {bad} not among {list(allowed)}")
+    return words
+
+
+def toy_config(method: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The toy with one of grpo | clip_higher | clip_cov | kl_cov (TOY.md's settings).
+
+    arg: comma-separated words; "hard" picks the hard variant, "smoke" shrinks the run to a few
+    seconds (tests, CI).
+    """
+    words = parse_arg(arg, ("smoke", "hard"))
+    c = base_config()
+    c.loss.method = {"grpo": "ppo", "clip_higher": "ppo"}.get(method, method)
+    if method in ("grpo", "clip_higher", "kl_cov"):
+        c.loss.clip_low, c.loss.clip_high = 0.2, (0.28 if method == "clip_higher" else 0.2)
+    if "hard" in words:
+        c.data.toy.variant = "hard"
+        if method == "kl_cov":  # TOY.md: the hard variant needed a stronger KL-Cov
+            c.loss.kl_cov_ratio, c.loss.kl_cov_coef = 0.1, 2.0
+    if "smoke" in words:
+        c.advantage.dynamic_sampling = False  # a 20-step warm start rarely varies in a group
+        c.data.toy.warm_start_steps = 20
+        c.data.toy.cache_dir = ""
+        c.data.toy.eval_samples = 2
+        c.train.steps = 4
+        c.train.prompts_per_step = 8
+        c.train.mini_batch_prompts = 4  # 2 updates per step, so KL-Cov's penalty can act
+        c.train.micro_batch_size = 8
+        c.train.checkpoint_interval = 2
+        c.train.eval_interval = 2
+        c.train.cov_dump_interval = 2
+        c.train.entropy_check_interval = 2
+    c.lock()
+    return c
+
+
+def paper_recipe(size: str, method: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """ALGORITHMS.md section 7 for Qwen2.5-{7B,32B}: DAPO-Math-17k, 256 x 8, mini-batch 32.
+
+    model.path and data.train_files must be given on the command line (validation says so).
+    arg "smoke" shrinks it to 2 steps of 8 prompts x 2 responses of at most 256 tokens.
+    """
+    words = parse_arg(arg, ("smoke",))
+    c = base_config()
+    c.seed = 42
+    c.model.compute_dtype = "bfloat16"  # bf16 matmuls; params and Adam moments stay fp32
+    c.model.remat = "layer"  # 8192-token responses do not fit otherwise
+    c.model.scan_layers = True
+
+    c.data.task = "math"
+    c.data.schema = "auto"
+    c.data.max_prompt_length = 2048
+    c.data.toy.warm_start_steps = 0
+
+    c.rollout.n = 8
+    c.rollout.temperature = 1.0
+    c.rollout.max_new_tokens = 8192
+    c.rollout.max_gen_rounds = 10  # DAPO's max_num_gen_batches
+
+    c.loss.method = {"grpo": "ppo", "clip_higher": "ppo"}.get(method, method)
+    c.loss.clip_low, c.loss.clip_high = {
+        "grpo": (0.2, 0.2),
+        "clip_higher": (0.2, 0.28),
+        "clip_cov": (1.0, 1.0),
+        "kl_cov": (0.2, 0.2),  # unused: KL-Cov does not clip
+    }[method]
+    c.loss.clip_cov_ratio = 2e-4
+    c.loss.kl_cov_ratio = {"7b": 2e-3, "32b": 2e-4}[size]
+    c.loss.kl_cov_coef = 1.0
+
+    c.advantage.estimator = "grpo"
+    c.advantage.dynamic_sampling = True
+
+    c.optim.lr = 1e-6  # an fp32 master copy is what keeps such an lr from vanishing in bf16
+    c.optim.weight_decay = 0.0
+    c.optim.grad_clip = 1.0
+
+    c.mesh.fsdp = -1  # every device shards the weights; add tensor=N for 32B on small chips
+
+    c.train.steps = 500
+    c.train.prompts_per_step = 256
+    c.train.mini_batch_prompts = 32  # 8 optimizer updates per rollout step
+    c.train.micro_batch_size = {"7b": 16, "32b": 8}[size]
+    c.train.checkpoint_interval = 10
+    c.train.eval_interval = 20
+    c.train.cov_dump_interval = 20
+    c.train.entropy_check_interval = 20
+    if "smoke" in words:
+        c.rollout.max_new_tokens = 256
+        c.rollout.n = 2
+        c.rollout.max_gen_rounds = 2
+        c.train.steps = 2
+        c.train.prompts_per_step = 8
+        c.train.mini_batch_prompts = 4  # 8 rows: one per device of an 8-chip host
+        c.train.micro_batch_size = 4
+        c.train.eval_interval = 0
+    c.lock()
+    return c

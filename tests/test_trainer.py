@@ -1,0 +1,228 @@
+"""python -m covjax.train end to end on the toy's smoke setting (4 steps): the metrics file, the
+checkpoints, the final Hugging Face folder, exact resume (4 steps == 2 + resume + 2) and the
+clear error of a bad config (with nothing written); and a paper recipe's smoke setting on a tiny
+random Qwen2 folder with local math data (the real-model path: from_pretrained, covjax.data,
+math-verify rewards, covjax.eval, bf16 compute, remat, scanned layers)."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file
+from test_data import make_tokenizer, write_jsonl
+
+from covjax import config as config_lib
+from covjax import trainer
+from covjax.sampler import Rollout
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SMOKE = "--config=configs/default.py:smoke"
+TRAIN_KEYS = [  # CONTRACTS.md metric names logged on every step
+    "reward/mean", "accuracy/mean", "entropy/token_mean", "entropy/seq_mean", "cov/mean",
+    "cov/p99", "cov/selected_mean", "cov/frac_selected", "cov/num_selected", "ppo/clip_frac",
+    "ppo/kl", "response_length/mean", "response_length/max", "response_length/frac_truncated",
+    "filter/kept_group_frac", "optim/grad_norm", "optim/lr", "time/rollout", "time/rewards",
+    "time/update", "throughput/tokens_per_s",
+]
+CHECK_KEYS = ["entropy_check/predicted_natural", "entropy_check/predicted_vanilla",
+              "entropy_check/measured"]
+
+
+def train(workdir, *flags, check=True, config=SMOKE):
+    result = subprocess.run(
+        [sys.executable, "-m", "covjax.train", config, f"--workdir={workdir}", *flags],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"train failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight") / "run"
+    return workdir, train(workdir)
+
+
+def test_end_to_end_run_writes_metrics_checkpoints_and_model(straight):
+    workdir, result = straight
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["loss"]["method"] == "clip_cov" and config["train"]["steps"] == 4
+    recs = records(workdir)
+    assert [r["step"] for r in recs] == [0, 1, 2, 3, 4]  # 4 steps, then the final evaluation
+    for r in recs[:4]:
+        assert set(TRAIN_KEYS) <= set(r), set(TRAIN_KEYS) - set(r)
+        assert 0.0 <= r["reward/mean"] <= 1.0 and math.isfinite(r["reward/mean"])
+        assert r["entropy/token_mean"] > 0 and math.isfinite(r["entropy/token_mean"])
+        assert r["optim/lr"] == pytest.approx(5e-4)
+        assert r["rollout/logprob_abs_diff"] < 1e-4  # sampler and trainer agree on log-probs
+    for step in (0, 2):  # eval_interval = cov_dump_interval = entropy_check_interval = 2
+        assert "val/toy/accuracy" in recs[step] and set(CHECK_KEYS) <= set(recs[step])
+        cov = np.load(workdir / "cov" / f"step_{step:06d}.npy")
+        assert cov.dtype == np.float32 and cov.ndim == 1 and 0 < cov.size <= 4 * 8 * 7
+    assert "val/toy/accuracy" in recs[4] and "entropy_check/measured" not in recs[1]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+    assert any(p.name.startswith("events") for p in (workdir / "tensorboard").iterdir())
+    assert (workdir / "hf_final" / "config.json").exists()
+    assert (workdir / "hf_final" / "tokenizer.json").exists()
+    assert "reward/mean" in result.stdout  # the summary table
+
+
+def test_resume_is_exact(straight, tmp_path):
+    workdir, _ = straight
+    resumed = tmp_path / "resumed"
+    train(resumed, "--config.train.steps=2")
+    assert sorted(os.listdir(resumed / "checkpoints")) == ["2"]
+    train(resumed)
+    assert sorted(os.listdir(resumed / "checkpoints")) == ["2", "4"]
+    a, b = records(workdir), records(resumed)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
+
+    def stable(r):
+        return {k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))}
+
+    for x, y in zip(a, b, strict=True):
+        assert stable(x) == stable(y)
+    wa = load_file(str(workdir / "hf_final" / "model.safetensors"))
+    wb = load_file(str(resumed / "hf_final" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        np.testing.assert_array_equal(wa[name], wb[name])
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.loss.clip_cov_ratio=2.0",
+         "config.loss.clip_cov_ratio=2.0 is out of range (0, 1]"),
+        ("--config.train.micro_batch_size=3", "config.train.micro_batch_size=3 does not divide"),
+        ("--config.train.steps=abc", "train.steps"),
+        ("--config.loss.clip_cov_ration=0.1", "clip_cov_ration"),
+    ],
+)
+def test_bad_config_stops_before_anything_is_written(tmp_path, flag, message):
+    workdir = tmp_path / "bad"
+    result = train(workdir, flag, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not workdir.exists()  # no config.json, no checkpoint
+
+
+def test_paper_recipe_smoke_on_a_tiny_local_model(tmp_path):
+    words = [r"\boxed{1}", r"\boxed{2}", "Solve", "step", "x", "1", "2"]
+    tok, _ = make_tokenizer(words)
+    torch.manual_seed(0)
+    hf_config = transformers.Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=True, bos_token_id=None, pad_token_id=0,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+    )
+    transformers.Qwen2ForCausalLM(hf_config).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "tokenizer")  # apart: beside a qwen2 config it loads as Qwen2's
+    rows = [{"problem": f"Solve {a} step x", "answer": str(a)} for a in (1, 2, 1, 2, 2, 1, 2, 1)]
+    train_file = write_jsonl(tmp_path / "train.jsonl", rows)
+    eval_file = write_jsonl(tmp_path / "math500.jsonl", rows[:3])
+    workdir = tmp_path / "run"
+    train(
+        workdir,
+        f"--config.model.path={tmp_path / 'model'}",
+        f"--config.model.tokenizer_path={tmp_path / 'tokenizer'}",
+        f"--config.data.train_files={train_file}",
+        f"--config.data.eval_files=math500={eval_file}",
+        "--config.data.max_prompt_length=32",
+        "--config.rollout.max_new_tokens=8",
+        "--config.advantage.dynamic_sampling=False",  # a random model rarely varies in a group
+        "--config.train.eval_interval=1",
+        config="--config=configs/qwen2_5_7b_clip_cov.py:smoke",
+    )
+    recs = records(workdir)
+    assert [r["step"] for r in recs] == [0, 1, 2]
+    for r in recs[:2]:
+        assert set(TRAIN_KEYS) <= set(r) and "val/math500/accuracy" in r
+        assert r["optim/num_updates"] == 2 and r["optim/lr"] == pytest.approx(1e-6)
+        assert r["response_length/max"] <= 8 and math.isfinite(r["entropy/token_mean"])
+    assert "val/math500/accuracy" in recs[2]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf_final")
+    assert reloaded.config.num_hidden_layers == 2
+
+
+class _FakeSampler:
+    """Rollouts of fixed shape: prompt [1, g] (g = prompt index), responses of 2 tokens."""
+
+    def generate(self, prompts, *, n, rng, **kwargs):
+        rows = len(prompts) * n
+        tokens = np.zeros((rows, 4), np.int32)
+        tokens[:, 1] = np.repeat([p[-1] for p in prompts], n)
+        tokens[:, 2:] = 7
+        mask = np.zeros((rows, 4), bool)
+        mask[:, 2:] = True
+        return Rollout(tokens=tokens, attention_mask=np.ones((rows, 4), bool),
+                       positions=np.tile(np.arange(4, dtype=np.int32), (rows, 1)),
+                       response_mask=mask, logprobs=np.zeros((rows, 4), np.float32),
+                       lengths=np.full(rows, 2), stopped=np.ones(rows, bool),
+                       group_ids=np.repeat(np.arange(len(prompts)), n), prompt_length=2)
+
+
+class _FakeTask:
+    """Round k serves prompts 10k .. 10k+3 and the rewards of ROUNDS[k]."""
+
+    stop_token_ids = ()
+
+    def __init__(self, rounds):
+        self.rounds, self.calls = rounds, 0
+
+    def next_prompts(self, count):
+        self.calls += 1
+        base = 10 * (self.calls - 1)
+        return [[1, base + g] for g in range(count)], None
+
+    def score(self, rollout, truths):
+        return np.asarray(self.rounds[self.calls - 1], np.float32)
+
+
+def _collect(rounds, dynamic=True, max_rounds=3):
+    config = config_lib.toy_config("clip_cov")
+    config.unlock()
+    config.train.prompts_per_step, config.rollout.n = 4, 2
+    config.advantage.dynamic_sampling, config.rollout.max_gen_rounds = dynamic, max_rounds
+    task = _FakeTask(rounds)
+    return task, trainer.collect_rollouts(task, _FakeSampler(), config, jax.random.key(0))
+
+
+def test_dynamic_sampling_refills_then_pads():
+    # round 0: groups 1 and 3 informative; round 1: group 0; round 2: none -> one padded group
+    task, data = _collect([[0, 0, 1, 0, 1, 1, 0, 1], [1, 0, 1, 1, 0, 0, 0, 0],
+                           [1, 1, 1, 1, 0, 0, 0, 0]])
+    assert task.calls == 3 and data.trainable
+    np.testing.assert_array_equal(data.arrays["tokens"][:6, 1], [1, 1, 3, 3, 10, 10])
+    assert not data.arrays["response_mask"][6:].any()  # the padded group: no tokens
+    np.testing.assert_allclose(data.advantages, [0.707, -0.707, -0.707, 0.707, 0.707, -0.707,
+                                                 0, 0], atol=1e-3)  # GRPO, std with ddof=1
+    m = data.metrics
+    assert m["reward/mean"] == 0.5 and m["filter/kept_group_frac"] == pytest.approx(3 / 12)
+    assert m["filter/gen_rounds"] == 3 and m["filter/padded_group_frac"] == 0.25
+
+
+def test_dynamic_sampling_stops_when_full_and_measures_saturated_steps():
+    task, data = _collect([[0, 1] * 4, [1] * 8])
+    assert task.calls == 1 and data.trainable and data.metrics["filter/kept_group_frac"] == 1
+    task, data = _collect([[1] * 8, [1] * 8], max_rounds=2)
+    assert task.calls == 2 and not data.trainable  # nothing to learn: metrics only
+    assert data.arrays["response_mask"][:, 2:].all() and not data.advantages.any()
+    assert data.metrics["filter/kept_group_frac"] == 0 and data.metrics["reward/mean"] == 1
+    task, data = _collect([[1] * 8], dynamic=False)
+    assert data.trainable and data.metrics["filter/kept_group_frac"] == 0
