@@ -1,12 +1,14 @@
 """covjax: covariance-based entropy control (Clip-Cov, KL-Cov) for RL of reasoning LMs in JAX."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="covjax",
     version="0.1.0",
-    description="RL for reasoning language models with covariance-based entropy control, in JAX/Flax.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    description="RL for reasoning LMs with covariance-based entropy control, in JAX/Flax.",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["covjax", "covjax.*"]),
