@@ -184,17 +184,8 @@ def run_torch(s: Shape, args) -> dict:
     import transformers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    hf_config = transformers.Qwen2Config(
-        vocab_size=s.vocab_size,
-        hidden_size=s.hidden_size,
-        intermediate_size=s.intermediate_size,
-        num_hidden_layers=s.num_hidden_layers,
-        num_attention_heads=s.num_attention_heads,
-        num_key_value_heads=s.num_key_value_heads,
-        max_position_embeddings=32768,
-        rope_theta=1e6,
-        tie_word_embeddings=True,
-    )
+    # The same model as covjax's side: its config written as Hugging Face's config.json.
+    hf_config = transformers.Qwen2Config(**covjax_config(s, args).to_hf_config())
     hf_config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = transformers.Qwen2ForCausalLM(hf_config).to(device).train()

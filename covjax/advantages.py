@@ -44,6 +44,15 @@ def _num_segments(group_ids: jax.Array, num_groups: int | None) -> int:
     return num_groups
 
 
+def _prepare(
+    rewards: jax.Array, group_ids: jax.Array, num_groups: int | None
+) -> tuple[jax.Array, jax.Array, int]:
+    """(rewards float32 [N], group_ids int32 [N], static number of segments), shapes checked."""
+    num_segments = _num_segments(group_ids, num_groups)
+    chex.assert_equal_shape([rewards, group_ids])
+    return rewards.astype(jnp.float32), group_ids.astype(jnp.int32), num_segments
+
+
 def _group_sum(values: jax.Array, group_ids: jax.Array, num_segments: int) -> jax.Array:
     """Per-response sum over its group: segment_sum gathered back to the responses."""
     return jax.ops.segment_sum(values, group_ids, num_segments=num_segments)[group_ids]
@@ -80,10 +89,7 @@ def compute(
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got estimator={estimator!r}")
     if not (isinstance(eps, numbers.Real) and eps > 0):
         raise ValueError(f"eps must be a number > 0, got eps={eps!r}")
-    num_segments = _num_segments(group_ids, num_groups)
-    chex.assert_equal_shape([rewards, group_ids])
-    rewards = rewards.astype(jnp.float32)
-    group_ids = group_ids.astype(jnp.int32)
+    rewards, group_ids, num_segments = _prepare(rewards, group_ids, num_groups)
     size = _group_sum(jnp.ones_like(rewards), group_ids, num_segments)
     centered = rewards - _group_sum(rewards, group_ids, num_segments) / size
     multi = size > 1
@@ -109,10 +115,7 @@ def group_filter(
     Such groups (std = 0, including groups of one) have zero advantage under every estimator and
     carry no gradient. ``num_groups`` as in ``compute``.
     """
-    num_segments = _num_segments(group_ids, num_groups)
-    chex.assert_equal_shape([rewards, group_ids])
-    rewards = rewards.astype(jnp.float32)
-    group_ids = group_ids.astype(jnp.int32)
+    rewards, group_ids, num_segments = _prepare(rewards, group_ids, num_groups)
     high = jax.ops.segment_max(rewards, group_ids, num_segments=num_segments)[group_ids]
     low = jax.ops.segment_min(rewards, group_ids, num_segments=num_segments)[group_ids]
     return high > low

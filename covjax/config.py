@@ -17,16 +17,13 @@ from typing import Any
 
 import ml_collections
 
-METHODS = ("ppo", "dual_clip", "clip_cov", "kl_cov")  # grpo and clip-higher are "ppo"
-LOSS_AGG_MODES = (
-    "token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-    "token-sum",
-)
-ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
-DTYPES = ("float32", "bfloat16", "float16")
+from covjax.advantages import ESTIMATORS
+from covjax.losses import AGG_MODES, KL_ESTIMATORS, METHODS
+from covjax.model.config import DTYPES, REMAT_POLICIES
+
+# The recipe names of configs/*.py -> loss.method (GRPO and Clip-Higher are PPO's clip).
+RECIPE_METHODS = {"grpo": "ppo", "clip_higher": "ppo", "clip_cov": "clip_cov", "kl_cov": "kl_cov"}
+MODEL_SIZES = ("7b", "32b")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -40,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tokenizer_path = ""  # "" = model.path
     c.model.param_dtype = "float32"  # master weights and optimizer state: keep fp32
     c.model.compute_dtype = "float32"  # bfloat16 on accelerators
-    c.model.remat = "none"  # "layer": recompute each layer in the backward pass
+    # "layer": recompute each layer in the backward pass ("dots": but keep its matmul outputs)
+    c.model.remat = "none"
     c.model.scan_layers = False
 
     # --- Data: "toy" (covjax/rewards/toy.py) or "math" (local parquet/jsonl files).
@@ -148,7 +146,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": _NON_NEGATIVE,
     "model.param_dtype": _choice(DTYPES),
     "model.compute_dtype": _choice(DTYPES),
-    "model.remat": _choice(("none", "layer")),
+    "model.remat": _choice(REMAT_POLICIES),
     "data.task": _choice(("toy", "math")),
     "data.max_prompt_length": _AT_LEAST_ONE,
     "data.toy.variant": _choice(("easy", "hard")),
@@ -170,11 +168,11 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "loss.clip_cov_ratio": _interval(0, 1, lo_open=True),
     "loss.kl_cov_ratio": _interval(0, 1, lo_open=True),
     "loss.kl_cov_coef": _NON_NEGATIVE,
-    "loss.loss_agg_mode": _choice(LOSS_AGG_MODES),
+    "loss.loss_agg_mode": _choice(AGG_MODES),
     "loss.cov_scope": _choice(("minibatch", "microbatch")),
     "loss.entropy_coef": _NON_NEGATIVE,
     "loss.kl_coef": _NON_NEGATIVE,
-    "loss.kl_estimator": _choice(("k1", "k2", "k3", "low_var_kl")),
+    "loss.kl_estimator": _choice(KL_ESTIMATORS),
     "advantage.estimator": _choice(ESTIMATORS),
     "optim.lr": _POSITIVE,
     "optim.weight_decay": _NON_NEGATIVE,
@@ -240,7 +238,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_relations(c: ml_collections.ConfigDict) -> None:
-    """Checks between keys: batch divisibility, the Clip-Cov band, real-model inputs."""
+    """Checks between keys: group size, batch divisibility, the Clip-Cov band, real-model inputs."""
+    if c.rollout.n < 2:  # covjax.advantages gives a group of one response advantage 0
+        raise ValueError(
+            f"config.rollout.n={c.rollout.n}: the {c.advantage.estimator} estimator needs at "
+            "least 2 responses per prompt (its baseline is the group's mean)"
+        )
     if c.train.prompts_per_step % c.train.mini_batch_prompts:
         raise ValueError(
             f"config.train.prompts_per_step={c.train.prompts_per_step} is not a multiple of "
@@ -256,11 +259,6 @@ def _validate_relations(c: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.loss.clip_cov_lb={c.loss.clip_cov_lb} must be below "
             f"config.loss.clip_cov_ub={c.loss.clip_cov_ub}"
-        )
-    if c.rollout.n < 2 and c.advantage.estimator in ("grpo", "dr_grpo", "rloo"):
-        raise ValueError(
-            f"config.rollout.n={c.rollout.n}: the {c.advantage.estimator} estimator needs at "
-            "least 2 responses per prompt"
         )
     if c.data.task == "toy":
         if c.model.path:
@@ -283,18 +281,19 @@ def _validate_relations(c: ml_collections.ConfigDict) -> None:
 
 
 def split_files(spec: str) -> list[str]:
-    """"a.parquet,b.jsonl" -> ["a.parquet", "b.jsonl"]."""
+    """ "a.parquet,b.jsonl" -> ["a.parquet", "b.jsonl"]."""
     return [s.strip() for s in spec.split(",") if s.strip()]
 
 
-def split_named_files(spec: str) -> dict[str, str]:
-    """"math500=a.parquet,aime=b.jsonl" -> {"math500": "a.parquet", "aime": "b.jsonl"}."""
+def split_named_files(spec: str, *, source: str = "config.data.eval_files") -> dict[str, str]:
+    """ "math500=a.parquet,aime=b.jsonl" -> {"math500": "a.parquet", "aime": "b.jsonl"}; a bad
+    entry raises ValueError naming `source` (the key or flag it came from)."""
     out = {}
     for item in split_files(spec):
-        name, sep, path = item.partition("=")
+        name, sep, path = (part.strip() for part in item.partition("="))
         if not sep or not name or not path:
-            raise ValueError(f"config.data.eval_files entry {item!r} is not name=path")
-        out[name.strip()] = path.strip()
+            raise ValueError(f"{source} entry {item!r} is not name=path")
+        out[name] = path
     return out
 
 
@@ -317,15 +316,21 @@ def parse_arg(arg: str | None, allowed: tuple[str, ...]) -> set[str]:
     return words
 
 
+def _check_recipe(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"recipe {name}={value!r} is not one of {list(allowed)}")
+
+
 def toy_config(method: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """The toy with one of grpo | clip_higher | clip_cov | kl_cov (TOY.md's settings).
 
     arg: comma-separated words; "hard" picks the hard variant, "smoke" shrinks the run to a few
     seconds (tests, CI).
     """
+    _check_recipe("method", method, tuple(RECIPE_METHODS))
     words = parse_arg(arg, ("smoke", "hard"))
     c = base_config()
-    c.loss.method = {"grpo": "ppo", "clip_higher": "ppo"}.get(method, method)
+    c.loss.method = RECIPE_METHODS[method]
     if method in ("grpo", "clip_higher", "kl_cov"):
         c.loss.clip_low, c.loss.clip_high = 0.2, (0.28 if method == "clip_higher" else 0.2)
     if "hard" in words:
@@ -355,6 +360,8 @@ def paper_recipe(size: str, method: str, arg: str | None = None) -> ml_collectio
     model.path and data.train_files must be given on the command line (validation says so).
     arg "smoke" shrinks it to 2 steps of 8 prompts x 2 responses of at most 256 tokens.
     """
+    _check_recipe("size", size, MODEL_SIZES)
+    _check_recipe("method", method, tuple(RECIPE_METHODS))
     words = parse_arg(arg, ("smoke",))
     c = base_config()
     c.seed = 42
@@ -372,7 +379,7 @@ def paper_recipe(size: str, method: str, arg: str | None = None) -> ml_collectio
     c.rollout.max_new_tokens = 8192
     c.rollout.max_gen_rounds = 10  # DAPO's max_num_gen_batches
 
-    c.loss.method = {"grpo": "ppo", "clip_higher": "ppo"}.get(method, method)
+    c.loss.method = RECIPE_METHODS[method]
     c.loss.clip_low, c.loss.clip_high = {
         "grpo": (0.2, 0.2),
         "clip_higher": (0.2, 0.28),

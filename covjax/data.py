@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import numbers
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 SCHEMA_ALIASES = {
@@ -65,20 +70,6 @@ def detect_schema(columns: list[str]) -> str | None:
     return None
 
 
-def _answer(value: Any, field: str) -> str:
-    """A ground truth as a non-empty string; numbers (AMC stores floats) are written out."""
-    if value is None:
-        raise _Malformed(f"field {field!r} is missing")
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise _Malformed(f"field {field!r} has type {type(value).__name__}")
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    text = str(value).strip()
-    if not text:
-        raise _Malformed(f"field {field!r} is empty")
-    return text
-
-
 def _text(value: Any, field: str) -> str:
     """A non-empty string field."""
     if value is None:
@@ -88,6 +79,17 @@ def _text(value: Any, field: str) -> str:
     if not value.strip():
         raise _Malformed(f"field {field!r} is empty")
     return value
+
+
+def _answer(value: Any, field: str) -> str:
+    """A ground truth as a non-empty string; numbers (AMC stores floats) are written out."""
+    if isinstance(value, float):
+        if not math.isfinite(value):  # a NaN is how pandas writes a missing number
+            raise _Malformed(f"field {field!r} is missing ({value})")
+        value = int(value) if value.is_integer() else value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    return _text(value, field).strip()
 
 
 def _user_turn(text: str, instruction: str) -> list[dict[str, str]]:
@@ -163,7 +165,7 @@ class PromptDataset:
 
 def load_prompts(
     path: str | os.PathLike,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     schema: str | None = "auto",
     max_prompt_length: int = 2048,
@@ -174,15 +176,26 @@ def load_prompts(
     """Load, adapt, render and tokenise the prompts of one local parquet or jsonl file.
 
     Raises FileNotFoundError for a missing file; ValueError naming the file for an unknown format
-    or schema, more than `max_malformed_frac` malformed rows, or no usable prompt.
+    or schema, a file that does not parse, no rows, more than `max_malformed_frac` malformed rows,
+    or no usable prompt.
     """
+    if not (isinstance(max_prompt_length, numbers.Integral) and max_prompt_length >= 1):
+        raise ValueError(f"max_prompt_length must be an int >= 1, got {max_prompt_length!r}")
+    if not (isinstance(max_malformed_frac, numbers.Real) and 0 <= max_malformed_frac <= 1):
+        raise ValueError(f"max_malformed_frac must be in [0, 1], got {max_malformed_frac!r}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     fmt = _FORMATS.get(os.path.splitext(path)[1].lower())
     if fmt is None:
         raise ValueError(f"data file {path}: unknown format, expected one of {sorted(_FORMATS)}")
-    raw = datasets.load_dataset(fmt, data_files=path, split="train")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"data file {path}: no rows (the file is empty)")
+    try:
+        raw = datasets.load_dataset(fmt, data_files=path, split="train")
+    except Exception as e:  # datasets and pyarrow raise many types, most without the file name
+        cause = f" ({e.__cause__})" if e.__cause__ else ""
+        raise ValueError(f"data file {path}: cannot be read as {fmt}: {e}{cause}") from e
     if schema in (None, "auto"):
         schema = detect_schema(raw.column_names)
         if schema is None:
@@ -259,7 +272,7 @@ class PromptLoader:
     """
 
     def __init__(self, dataset: PromptDataset, batch_size: int, seed: int):
-        if not 1 <= batch_size <= len(dataset):
+        if not (isinstance(batch_size, numbers.Integral) and 1 <= batch_size <= len(dataset)):
             raise ValueError(
                 f"batch_size must be in [1, {len(dataset)}] for {dataset.path}, got {batch_size}"
             )
@@ -279,6 +292,8 @@ class PromptLoader:
 
     def restore(self, state: dict[str, int]) -> None:
         """Continue from a `state()`."""
+        if not {"epoch", "position"} <= set(state):
+            raise ValueError(f"loader state {state} lacks 'epoch' or 'position'")
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position <= len(self.examples):
             raise ValueError(f"loader state {state} does not fit {len(self.examples)} examples")

@@ -17,17 +17,23 @@ The trainer calls `evaluate` directly with its live model and sampler.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
+from flax import nnx
 
+from covjax.config import split_named_files
 from covjax.data import DEFAULT_INSTRUCTION, PromptDataset, load_prompts
 from covjax.rewards.math import DEFAULT_TIMEOUT_S, score_batch
 from covjax.sampler import Sampler, decode_responses
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SAMPLED_SETS = re.compile(r"aime|amc", re.IGNORECASE)
 SAMPLED_TEMPERATURE = 0.6
@@ -50,7 +56,16 @@ def set_metrics(scores: np.ndarray, lengths: np.ndarray, stopped: np.ndarray) ->
     }
 
 
-def _sample(sampler, tokenizer, prompts, *, n, per_call, rng, **generate_kwargs):
+def _sample(
+    sampler: Sampler,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    *,
+    n: int,
+    per_call: int,
+    rng: jax.Array,
+    **generate_kwargs: Any,
+) -> tuple[list[str], list[int], list[bool]]:
     """n responses per prompt, `per_call` prompts per `generate`: (texts, lengths, stopped)."""
     texts, lengths, stopped = [], [], []
     for start in range(0, len(prompts), per_call):
@@ -67,8 +82,8 @@ def _sample(sampler, tokenizer, prompts, *, n, per_call, rng, **generate_kwargs)
 
 
 def evaluate(
-    model,
-    tokenizer,
+    model: nnx.Module,
+    tokenizer: PreTrainedTokenizerBase,
     datasets: Mapping[str, PromptDataset],
     *,
     sampler: Sampler | None = None,
@@ -91,6 +106,9 @@ def evaluate(
     """
     if not datasets:
         raise ValueError("datasets is empty: give at least one name -> PromptDataset")
+    for name, value in (("batch_size", batch_size), ("samples_k", samples_k)):
+        if not (isinstance(value, numbers.Integral) and value >= 1):
+            raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
     # One batch bucket: the last, partial batch of a set compiles no program of its own.
     sampler = sampler or Sampler(model, batch_buckets=(batch_size,))
     if stop_token_ids is None:
@@ -173,12 +191,7 @@ def format_table(summary: dict[str, Any]) -> str:
 
 def parse_data_flag(spec: str) -> dict[str, str]:
     """ "math500=a.jsonl,aime24=b.parquet" -> {"math500": "a.jsonl", "aime24": "b.parquet"}."""
-    sets = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise ValueError(f"--data entry {item!r} is not name=path")
-        sets[name.strip()] = path.strip()
+    sets = split_named_files(spec, source="--data")
     if not sets:
         raise ValueError(f"--data={spec!r} names no set; expected name=path,name=path")
     return sets
@@ -200,7 +213,7 @@ def resolve_checkpoint(workdir: str) -> str:
     return steps[max(steps)]
 
 
-def stop_ids(model_dir: str, tokenizer) -> list[int]:
+def stop_ids(model_dir: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The tokenizer's EOS plus the eos_token_id(s) of the folder's generation_config.json."""
     ids = {tokenizer.eos_token_id}
     path = os.path.join(model_dir, "generation_config.json")
@@ -212,6 +225,7 @@ def stop_ids(model_dir: str, tokenizer) -> list[int]:
 
 
 def main(argv: Sequence[str]) -> None:
+    """The command line: load the model and the sets named by the flags, evaluate, print."""
     from absl import flags
 
     from covjax.model import from_pretrained, load_tokenizer
@@ -220,6 +234,7 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     if bool(f.model) == bool(f.checkpoint):
         raise ValueError("give exactly one of --model=HF_DIR or --checkpoint=WORKDIR")
+    data_files = parse_data_flag(f.data)  # a bad --data fails before anything is loaded
     model_dir = f.model or resolve_checkpoint(f.checkpoint)
     output_dir = f.output_dir or (
         os.path.join(f.checkpoint, "eval", os.path.basename(model_dir))
@@ -235,7 +250,7 @@ def main(argv: Sequence[str]) -> None:
             max_prompt_length=f.max_prompt_length,
             instruction=f.instruction,
         )
-        for name, path in parse_data_flag(f.data).items()
+        for name, path in data_files.items()
     }
     model = from_pretrained(model_dir, compute_dtype=f.compute_dtype)
     summary = evaluate(

@@ -35,6 +35,9 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 LOG_RATIO_CLAMP = 20.0  # |logp - old_logp| is clamped to this before exp (ALGORITHMS.md section 3)
 KL_CLAMP = 10.0  # the k3 estimate is clamped to [-KL_CLAMP, KL_CLAMP] (as verl's low_var_kl)
 DEFAULT_DUAL_CLIP_C = 3.0
+# A denominator of the aggregation: a Python number, a traced scalar (the global count of a
+# mini-batch inside jit), or None for the count of the given arrays.
+Count = int | float | jax.Array | None
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,12 +45,14 @@ DEFAULT_DUAL_CLIP_C = 3.0
 # --------------------------------------------------------------------------------------------
 
 
-def _check_temperature(temperature) -> None:
+def _check_temperature(temperature: float | jax.Array) -> None:
     if isinstance(temperature, numbers.Real) and not temperature > 0:
         raise ValueError(f"temperature must be > 0, got temperature={temperature!r}")
 
 
-def _logprobs_and_entropy(logits: jax.Array, targets: jax.Array, temperature) -> tuple:
+def _logprobs_and_entropy(
+    logits: jax.Array, targets: jax.Array, temperature: float | jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """log pi(target) and H = logsumexp(z) - sum_v softmax(z)_v z_v, z = logits / temperature."""
     z = logits.astype(jnp.float32) / temperature
     log_norm = jax.nn.logsumexp(z, axis=-1)
@@ -204,7 +209,7 @@ def _check_nonnegative(name: str, value) -> None:
         raise ValueError(f"{name} must be a number >= 0, got {name}={value!r}")
 
 
-def _check_positive_count(name: str, value) -> None:
+def _check_positive_count(name: str, value: Count) -> None:
     """Global denominators may be traced arrays; a Python number must be positive."""
     if isinstance(value, numbers.Real) and not value > 0:
         raise ValueError(f"{name} must be > 0, got {name}={value!r}")
@@ -236,6 +241,7 @@ def _masked(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """masked_mean(x) = sum(x m) / sum(m) (ALGORITHMS.md notation); 0 when nothing is valid."""
     return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
@@ -424,9 +430,9 @@ def aggregate(
     mask: jax.Array,
     mode: str,
     *,
-    num_tokens=None,
-    num_seqs=None,
-    max_len=None,
+    num_tokens: Count = None,
+    num_seqs: Count = None,
+    max_len: Count = None,
 ) -> jax.Array:
     """Reduce a per-token loss ``[B, T]`` to a scalar (ALGORITHMS.md section 4).
 
@@ -473,9 +479,9 @@ def entropy_bonus(
     *,
     entropy_coef: float,
     loss_agg_mode: str = "token-mean",
-    num_tokens=None,
-    num_seqs=None,
-    max_len=None,
+    num_tokens: Count = None,
+    num_seqs: Count = None,
+    max_len: Count = None,
 ) -> jax.Array:
     """The entropy-bonus loss term ``-entropy_coef * agg(H_t)`` (add it to the policy loss).
 
@@ -538,9 +544,9 @@ def policy_loss(
     kl_cov_ratio: float = 2e-4,
     kl_cov_coef: float = 1.0,
     selected: jax.Array | None = None,
-    num_tokens=None,
-    num_seqs=None,
-    max_len=None,
+    num_tokens: Count = None,
+    num_seqs: Count = None,
+    max_len: Count = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Policy-gradient loss with PPO clipping or covariance-based entropy control.
 

@@ -128,6 +128,9 @@ def _modified(path: str, value):
         ("train.mini_batch_prompts", 24, "config.train.prompts_per_step=64 is not a multiple"),
         ("loss.clip_cov_lb", 6.0, "config.loss.clip_cov_lb=6.0 must be below"),
         ("model.path", "/x", "config.model.path='/x' must be empty for the toy task"),
+        ("model.remat", "block", "config.model.remat='block' is not one of"),
+        ("rollout.n", 1, "config.rollout.n=1: the grpo estimator needs at least 2 responses"),
+        ("loss.kl_estimator", "k4", "config.loss.kl_estimator='k4' is not one of"),
     ],
 )
 def test_bad_values_name_the_key(path, value, message):
@@ -156,6 +159,25 @@ def test_locked_configs_reject_new_keys_at_once():
 def test_config_argument_is_checked():
     with pytest.raises(ValueError, match=r"config argument 'smok'"):
         load("default", "smok")
+    with pytest.raises(ValueError, match=r"recipe method='ppo2'"):
+        config_lib.toy_config("ppo2")
+    with pytest.raises(ValueError, match=r"recipe size='70b'"):
+        config_lib.paper_recipe("70b", "grpo")
+    with pytest.raises(ValueError, match=r"recipe method='dapo'"):
+        config_lib.paper_recipe("7b", "dapo")
+
+
+def test_reinforce_pp_needs_groups_too():
+    """A group of one response has advantage 0 under every estimator, reinforce_pp included."""
+    c = _modified("rollout.n", 1)
+    c.advantage.estimator = "reinforce_pp"
+    with pytest.raises(ValueError, match="config.rollout.n=1: the reinforce_pp estimator"):
+        config_lib.validate(c)
+
+
+def test_every_model_remat_policy_is_accepted():
+    for policy in ("none", "layer", "dots"):
+        config_lib.validate(_modified("model.remat", policy))
 
 
 def test_to_json_round_trips():

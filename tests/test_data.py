@@ -5,54 +5,20 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import tokenizers
-import transformers
+from helpers import chatml, make_tokenizer, write_jsonl
 
 from covjax import data
 
-SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
 WORDS = (
     "user assistant system Solve What is 1+1? 2+2? the sum of and Please reason step by step,"
     " put your final answer within \\boxed{}. \\boxed{1} \\boxed{2} \\boxed{3} \\boxed{4}"
     " Answer: 1 2 3 4 Think hard."
 ).split()
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def make_tokenizer(words=WORDS):
-    """A word-level tokenizer built offline over `words`, with a ChatML-like template.
-
-    Returns (transformers tokenizer, the raw `tokenizers.Tokenizer` used as the reference).
-    """
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(SPECIALS + list(words)))}
-    raw = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    raw.add_special_tokens(SPECIALS)
-    raw.decoder = tokenizers.decoders.WordPiece(prefix="##", cleanup=False)
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>"
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    return tok, raw
-
-
-def chatml(messages):
-    """The template rendered by hand (the reference for apply_chat_template)."""
-    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return turns + "<|im_start|>assistant\n"
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return make_tokenizer()
+    return make_tokenizer(WORDS)
 
 
 def check_examples(ds, raw, expected):
@@ -205,6 +171,40 @@ def test_missing_file_and_unknown_schema(tmp_path, tokenizer):
     csv.write_text("problem,answer\n")
     with pytest.raises(ValueError, match=r"rows\.csv: unknown format"):
         data.load_prompts(csv, tok)
+
+
+def test_unreadable_files_and_bad_arguments_are_named(tmp_path, tokenizer):
+    tok, _ = tokenizer
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"problem": "What is 1+1?", "answer": "2"}\n{"problem": \n')
+    with pytest.raises(ValueError, match=r"broken\.jsonl: cannot be read as json"):
+        data.load_prompts(broken, tok)
+    fake = tmp_path / "fake.parquet"
+    fake.write_text("not a parquet file")
+    with pytest.raises(ValueError, match=r"fake\.parquet: cannot be read as parquet"):
+        data.load_prompts(fake, tok)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"empty\.jsonl: no rows"):
+        data.load_prompts(empty, tok)
+    good = write_jsonl(tmp_path / "good.jsonl", malformed_rows(10, []))
+    with pytest.raises(ValueError, match="max_prompt_length must be an int >= 1, got 0"):
+        data.load_prompts(good, tok, max_prompt_length=0)
+    with pytest.raises(ValueError, match="max_malformed_frac must be in"):
+        data.load_prompts(good, tok, max_malformed_frac=1.5)
+    loader = data.PromptLoader(data.load_prompts(good, tok), 2, seed=0)
+    with pytest.raises(ValueError, match="lacks 'epoch' or 'position'"):
+        loader.restore({"epoch": 1})
+
+
+def test_nan_answer_is_malformed(tmp_path, tokenizer):
+    """JSON's NaN (how pandas writes a missing number) is a missing answer, not the text "nan"."""
+    path = tmp_path / "nan.jsonl"
+    lines = [f'{{"problem": "What is {i}?", "answer": {i}.5}}' for i in range(9)]
+    path.write_text("\n".join(lines + ['{"problem": "What is 9?", "answer": NaN}']) + "\n")
+    ds = data.load_prompts(path, tokenizer[0])
+    assert (ds.num_malformed, ds.first_malformed) == (1, "row 9: field 'answer' is missing (nan)")
+    assert list(ds.examples["ground_truth"]) == [f"{i}.5" for i in range(9)]
 
 
 def test_overlong_prompts_dropped(tmp_path, tokenizer):

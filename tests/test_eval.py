@@ -13,8 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import transformers
-from test_data import chatml, make_tokenizer, write_jsonl
+from helpers import chatml, make_tokenizer, tiny_hf_model, write_jsonl
 
 from covjax import eval as covjax_eval
 from covjax.rewards.math import score_batch
@@ -31,8 +30,9 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     tok, _ = make_tokenizer(WORDS)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
+    torch_model = tiny_hf_model(
+        "qwen2",
+        seed=0,
         vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=64,
@@ -46,7 +46,6 @@ def run(tmp_path_factory):
         eos_token_id=eos,
         pad_token_id=0,
     )
-    torch_model = transformers.Qwen2ForCausalLM(config).eval()
     workdir = root / "workdir"
     os.makedirs(workdir / "hf_step_1")  # older (and empty): must not be picked
     torch_model.save_pretrained(workdir / "hf_step_3")
@@ -174,3 +173,12 @@ def test_checkpoint_resolution_and_flags(tmp_path):
         False,
         False,
     ]
+
+
+@pytest.mark.parametrize("name", ["batch_size", "samples_k"])
+def test_evaluate_rejects_bad_sizes_before_sampling(name):
+    """Checked first: no model, tokenizer or data is touched."""
+    with pytest.raises(ValueError, match=f"{name} must be an int >= 1, got {name}=0"):
+        covjax_eval.evaluate(None, None, {"math500": None}, **{name: 0})
+    with pytest.raises(ValueError, match="datasets is empty"):
+        covjax_eval.evaluate(None, None, {})

@@ -147,6 +147,11 @@ PARAMS = st.fixed_dictionaries(
 )
 
 
+def fixed_params(clips, bounds):
+    """One draw of PARAMS: ratio 0.1, kl_cov_coef 1, dual_clip_c 3."""
+    return {"clips": clips, "bounds": bounds, "ratio": 0.1, "kl_cov_coef": 1.0, "dual_clip_c": 3.0}
+
+
 def loss_kwargs(method, p, mode="token-mean"):
     kwargs = dict(
         method=method,
@@ -200,17 +205,29 @@ def test_logprobs_and_entropy_match_numpy(temperature):
     assert logp.dtype == entropy.dtype == jnp.float32
     assert_close(logp, ref_logp, atol=1e-5)
     assert_close(entropy, ref_entropy, atol=1e-5)
-    # bf16 logits are upcast before the softmax
-    logp16, _ = losses.logprobs_and_entropy(jnp.asarray(logits, jnp.bfloat16), targets)
-    assert logp16.dtype == jnp.float32
+    # bf16 logits are upcast before the softmax: exact float32 results of the rounded logits
+    logits16 = jnp.asarray(logits, jnp.bfloat16)
+    logp16, entropy16 = losses.logprobs_and_entropy(logits16, targets, temperature)
+    assert logp16.dtype == entropy16.dtype == jnp.float32
+    ref_logp16, ref_entropy16 = np_logprobs_entropy(
+        np.asarray(logits16, np.float32), targets, temperature
+    )
+    assert_close(logp16, ref_logp16, atol=1e-5)
+    assert_close(entropy16, ref_entropy16, atol=1e-5)
+
+
+def head_inputs(seed, batch=2, length=5, width=4, vocab=11):
+    """(hidden [B, T, D], unembed [D, V], targets [B, T]) float32 / int, and the generator."""
+    rs = np.random.default_rng(seed)
+    hidden = jnp.asarray(rs.normal(0, 1, (batch, length, width)), jnp.float32)
+    unembed = jnp.asarray(rs.normal(0, 1, (width, vocab)), jnp.float32)
+    targets = jnp.asarray(rs.integers(0, vocab, (batch, length)))
+    return hidden, unembed, targets, rs
 
 
 def test_chunked_matches_unchunked_values_and_grads():
     """10 tokens in chunks of 4: three chunks, the last one padded."""
-    rs = np.random.default_rng(1)
-    hidden = jnp.asarray(rs.normal(0, 1, (2, 5, 4)), jnp.float32)
-    unembed = jnp.asarray(rs.normal(0, 1, (4, 11)), jnp.float32)
-    targets = jnp.asarray(rs.integers(0, 11, (2, 5)))
+    hidden, unembed, targets, rs = head_inputs(1)
     weights = jnp.asarray(rs.normal(0, 1, (2, 2, 5)), jnp.float32)
 
     def objective(fn, h, w):
@@ -246,10 +263,7 @@ def test_chunked_scans_chunks_without_full_logits():
 
 def test_chunked_temperature_gradient_matches_unchunked():
     """d/d(temperature) of a weighted sum of logp and entropy, chunked vs one [B, T, V] softmax."""
-    rs = np.random.default_rng(2)
-    hidden = jnp.asarray(rs.normal(0, 1, (2, 5, 4)), jnp.float32)
-    unembed = jnp.asarray(rs.normal(0, 1, (4, 11)), jnp.float32)
-    targets = jnp.asarray(rs.integers(0, 11, (2, 5)))
+    hidden, unembed, targets, _ = head_inputs(2)
 
     def full(temperature):
         logp, entropy = losses.logprobs_and_entropy(hidden @ unembed, targets, temperature)
@@ -593,14 +607,7 @@ def test_clip_cov_choice_is_uniform_over_candidates():
 @pytest.mark.parametrize("method", losses.METHODS)
 def test_jit_matches_eager(method):
     logp, old, adv, mask = make_batch(9)
-    p = {
-        "clips": (0.2, 0.28),
-        "bounds": (0.3, 2.0),
-        "ratio": 0.1,
-        "kl_cov_coef": 1.0,
-        "dual_clip_c": 3.0,
-    }
-    kwargs = loss_kwargs(method, p, "token-mean")
+    kwargs = loss_kwargs(method, fixed_params(clips=(0.2, 0.28), bounds=(0.3, 2.0)), "token-mean")
 
     args = (logp, old, adv, mask)
     key = jax.random.key(1)
@@ -621,14 +628,7 @@ def test_jit_matches_eager(method):
 )
 def test_microbatches_with_global_selection_sum_to_minibatch(method, mode):
     logp, old, adv, mask = make_batch(10)
-    p = {
-        "clips": (0.2, 0.2),
-        "bounds": (0.3, 5.0),
-        "ratio": 0.1,
-        "kl_cov_coef": 1.0,
-        "dual_clip_c": 3.0,
-    }
-    kwargs = loss_kwargs(method, p, mode)
+    kwargs = loss_kwargs(method, fixed_params(clips=(0.2, 0.2), bounds=(0.3, 5.0)), mode)
     key = jax.random.key(2)
     loss, aux, grad = loss_and_grad(logp, old, adv, mask, rng=key, **kwargs)
     selected = np.asarray(aux["selected"])

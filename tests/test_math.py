@@ -164,3 +164,5 @@ def test_bad_arguments():
         math_reward.score_batch(["a"], ["a"], timeout_s=0)
     with pytest.raises(ValueError, match="num_workers"):
         math_reward.VerifierPool(0)
+    with pytest.raises(ValueError, match="num_workers must be >= 1, got 0"):
+        math_reward.score_batch(["a"], ["a"], num_workers=0)

@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from helpers import tiny_hf_model
 
 from covjax.model import (
     ModelConfig,
@@ -44,17 +45,17 @@ LLAMA3_SCALING = {
     "original_max_position_embeddings": 16,
 }
 FAMILIES = {
-    # name: (transformers class, config kwargs)
+    # name: (family of helpers.HF_CLASSES, config kwargs)
     "qwen2_tied": (
-        transformers.Qwen2ForCausalLM,
+        "qwen2",
         dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     ),
     "qwen2_untied": (
-        transformers.Qwen2ForCausalLM,
+        "qwen2",
         dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False),
     ),
     "llama3_gqa4": (
-        transformers.LlamaForCausalLM,
+        "llama",
         dict(
             num_attention_heads=8,
             num_key_value_heads=2,
@@ -63,28 +64,18 @@ FAMILIES = {
         ),
     ),
     "mistral_gqa2": (
-        transformers.MistralForCausalLM,
+        "mistral",
         dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None),
     ),
 }
-
-
-def _config_class(cls):
-    return {
-        transformers.Qwen2ForCausalLM: transformers.Qwen2Config,
-        transformers.LlamaForCausalLM: transformers.LlamaConfig,
-        transformers.MistralForCausalLM: transformers.MistralConfig,
-    }[cls]
 
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     """name -> folder with a tiny random transformers model saved by save_pretrained."""
     dirs = {}
-    for i, (name, (cls, kwargs)) in enumerate(FAMILIES.items()):
-        torch.manual_seed(i)
-        config = _config_class(cls)(**SMALL, **kwargs)
-        model = cls(config)
+    for i, (name, (family, kwargs)) in enumerate(FAMILIES.items()):
+        model = tiny_hf_model(family, seed=i, **SMALL, **kwargs)
         with torch.no_grad():  # non-trivial norms and biases, not HF's ones/zeros init
             for p in model.parameters():
                 p.normal_(0.0, 0.2)
@@ -205,6 +196,7 @@ def test_sharded_checkpoint_with_index(hf_dirs, tmp_path):
     a = _covjax_logits(from_pretrained(tmp_path), ids, mask, positions)
     b = _covjax_logits(from_pretrained(hf_dirs["mistral_gqa2"]), ids, mask, positions)
     np.testing.assert_array_equal(a, b)
+    assert _rel_err(a, _torch_logits(str(tmp_path), ids, mask, positions), mask) < 1e-5
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
@@ -439,6 +431,23 @@ def test_bad_inputs_are_named(hf_dirs, tmp_path):
         from_pretrained(folder("untied", dict(config, tie_word_embeddings=False)))
     with pytest.raises(ValueError, match="model.layers.1"):
         from_pretrained(folder("one_layer", dict(config, num_hidden_layers=1)))
+    with pytest.raises(ValueError, match=r"odd_head_dim.config\.json: ModelConfig.head_dim=15"):
+        from_pretrained(folder("odd_head_dim", dict(config, head_dim=15)))
+    no_factor = {k: v for k, v in LLAMA3_SCALING.items() if k != "factor"}
+    with pytest.raises(ValueError, match=r"llama3.*lacks \['factor'\]"):
+        from_pretrained(folder("bad_rope", dict(config, rope_scaling=no_factor)))
+    broken = folder("broken_json", config)
+    (broken / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"],')
+    with pytest.raises(ValueError, match=r"broken_json.config\.json is not valid JSON"):
+        from_pretrained(broken)
+    not_st = folder("not_safetensors", config, tensors=False)
+    (not_st / "model.safetensors").write_bytes(b"abc")
+    with pytest.raises(ValueError, match=r"not_safetensors.model\.safetensors is not a"):
+        from_pretrained(not_st)
+    no_map = folder("no_weight_map", config, tensors=False)
+    (no_map / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match="index.json has no 'weight_map'"):
+        from_pretrained(no_map)
     with pytest.raises(ValueError, match="num_key_value_heads=3"):
         ModelConfig(
             architecture="qwen2", num_attention_heads=4, num_key_value_heads=3, head_dim=16, **SMALL

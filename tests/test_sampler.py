@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from helpers import TINY_SHAPE, tiny_hf_model
 from scipy import stats
 
 from covjax.model import from_pretrained
@@ -20,23 +21,18 @@ from covjax.sharding import make_mesh, shard_model
 
 VOCAB = 128
 TINY = dict(
+    TINY_SHAPE,
     vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
     max_position_embeddings=128,
     initializer_range=0.1,  # spread-out logits: clear greedy margins, a non-flat distribution
     bos_token_id=None,
     eos_token_id=None,
     pad_token_id=0,
 )
-FAMILIES = {  # family -> (config class, model class, extra config)
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
-    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0)),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+FAMILIES = {  # family -> extra config
+    "qwen2": dict(tie_word_embeddings=True),
+    "llama": dict(rope_theta=500000.0),
+    "mistral": dict(sliding_window=None),
 }
 
 
@@ -49,10 +45,8 @@ def _prompts(lengths, seed=0):
 def hf_models(tmp_path_factory):
     """family -> (saved folder, torch model) for tiny random models of each family."""
     out = {}
-    for i, (family, (config_cls, model_cls, extra)) in enumerate(FAMILIES.items()):
-        torch.manual_seed(i)
-        config = getattr(transformers, config_cls)(**TINY, **extra)
-        model = getattr(transformers, model_cls)(config).eval()
+    for i, (family, extra) in enumerate(FAMILIES.items()):
+        model = tiny_hf_model(family, seed=i, **TINY, **extra)
         path = tmp_path_factory.mktemp(family)
         model.save_pretrained(path)
         out[family] = (path, model)
@@ -332,6 +326,13 @@ def test_buckets_bound_compilations_and_weights_are_read_live(hf_models):
         (dict(rng=None), "rng"),
         (dict(budgets=[5]), "budgets"),
         (dict(stop_token_ids=[-1]), "stop_token_ids"),
+        (dict(prompts=[1, 2, 3]), r"prompts\[0\] must be a list of int token ids, got int"),
+        (dict(prompts=["1 2 3"]), r"prompts\[0\] must be a list of int token ids, got str"),
+        (dict(prompts=[[1.0, 2.0]]), r"prompts\[0\] must be a list of int token ids"),
+        (dict(prompts="1 2 3"), "prompts must be a list of token-id lists"),
+        (dict(pad_id=VOCAB), "pad_id"),
+        (dict(temperature="1.0"), "temperature"),
+        (dict(n=None), "n must"),
     ],
 )
 def test_bad_inputs_raise_before_compiling(qwen, override, match):
@@ -340,6 +341,14 @@ def test_bad_inputs_raise_before_compiling(qwen, override, match):
     with pytest.raises(ValueError, match=match):
         sampler.generate(kwargs.pop("prompts"), **kwargs)
     assert sampler.num_compilations == 0
+
+
+def test_bad_sampler_arguments_are_named(qwen):
+    with pytest.raises(ValueError, match="compute_dtype must be one of .* got 'bf16'"):
+        Sampler(qwen[0], compute_dtype="bf16")
+    with pytest.raises(ValueError, match="batch_buckets"):
+        Sampler(qwen[0], batch_buckets=(0,))
+    assert Sampler(qwen[0], compute_dtype=jnp.bfloat16).compute_dtype == "bfloat16"
 
 
 def test_decode_responses_drops_stop_token():

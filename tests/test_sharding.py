@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import TINY_SHAPE
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -21,17 +22,7 @@ from covjax.sharding import (
     shard_model,
 )
 
-TINY = ModelConfig(
-    architecture="qwen2",
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    attention_bias=True,
-)
+TINY = ModelConfig(architecture="qwen2", vocab_size=256, attention_bias=True, **TINY_SHAPE)
 
 
 @pytest.mark.parametrize(

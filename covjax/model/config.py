@@ -16,6 +16,13 @@ HF_ARCHITECTURES = {
 _HF_NAME = {v: k for k, v in HF_ARCHITECTURES.items()}
 REMAT_POLICIES = ("none", "layer", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+DTYPES = ("float32", "bfloat16", "float16")
+LLAMA3_ROPE_KEYS = (
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,14 +74,26 @@ class ModelConfig:
             "num_attention_heads",
             "num_key_value_heads",
             "head_dim",
+            "max_position_embeddings",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even (RoPE pairs)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if not self.rope_theta > 0:
+            raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        if self.sliding_window is not None and not (
+            isinstance(self.sliding_window, int) and self.sliding_window > 0
+        ):
+            raise ValueError(
+                f"ModelConfig.sliding_window must be None or a positive int, "
+                f"got {self.sliding_window!r}"
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; use one of {REMAT_POLICIES}")
@@ -84,13 +103,17 @@ class ModelConfig:
             )
         for name in ("param_dtype", "compute_dtype"):
             value = getattr(self, name)
-            if value not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"ModelConfig.{name}={value!r}; use float32, bfloat16 or float16")
+            if value not in DTYPES:
+                raise ValueError(f"ModelConfig.{name}={value!r}; use one of {DTYPES}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ("default", "llama3"):
             raise ValueError(
                 f"rope_scaling rope_type={rope_type!r} is not supported; use 'default' or 'llama3'"
             )
+        if rope_type == "llama3":
+            missing = [k for k in LLAMA3_ROPE_KEYS if k not in self.rope_scaling]
+            if missing:
+                raise ValueError(f"rope_scaling with rope_type='llama3' lacks {missing}")
 
     def __hash__(self) -> int:
         # rope_scaling is a dict; hash its items so configs can be static jit/nnx metadata.
@@ -100,13 +123,16 @@ class ModelConfig:
 
     @property
     def jnp_param_dtype(self) -> jnp.dtype:
+        """The storage dtype of the weights as a jnp.dtype."""
         return jnp.dtype(self.param_dtype)
 
     @property
     def jnp_compute_dtype(self) -> jnp.dtype:
+        """The matmul dtype as a jnp.dtype."""
         return jnp.dtype(self.compute_dtype)
 
     def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with `changes` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 
     @classmethod

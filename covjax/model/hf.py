@@ -13,17 +13,22 @@ import json
 import os
 import struct
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
+from jax.typing import DTypeLike
 from safetensors.numpy import save_file
 
 from covjax.model.config import ModelConfig
 from covjax.model.transformer import Transformer
 from covjax.sharding import logical_sharding
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _ST_DTYPES = {
     "F64": np.float64,
@@ -46,9 +51,12 @@ class _SafetensorsFile:
     JSON header with dtype / shape / data_offsets, then the raw little-endian data)."""
 
     def __init__(self, path: str):
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
+        try:
+            with open(path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+        except (struct.error, ValueError) as e:  # too short, or a header that is not JSON
+            raise ValueError(f"{path} is not a safetensors file: {e}") from e
         header.pop("__metadata__", None)
         self.path = path
         self.header = header
@@ -56,6 +64,7 @@ class _SafetensorsFile:
         self._mmap = np.memmap(path, dtype=np.uint8, mode="r")
 
     def array(self, name: str) -> np.ndarray:
+        """The tensor `name` as a read-only view of the mapped file."""
         info = self.header[name]
         if info["dtype"] not in _ST_DTYPES:
             raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
@@ -69,8 +78,9 @@ def _open_checkpoint(path: str) -> dict[str, _SafetensorsFile]:
     index_path = os.path.join(path, "model.safetensors.index.json")
     single_path = os.path.join(path, "model.safetensors")
     if os.path.exists(index_path):
-        with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index_path} has no 'weight_map' mapping tensor names to files")
         files: dict[str, _SafetensorsFile] = {}
         for fname in sorted(set(weight_map.values())):
             fpath = os.path.join(path, fname)
@@ -82,6 +92,18 @@ def _open_checkpoint(path: str) -> dict[str, _SafetensorsFile]:
         f = _SafetensorsFile(single_path)
         return dict.fromkeys(f.header, f)
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def _read_json(path: str) -> dict:
+    """A JSON object from `path`; a ValueError naming the file if it does not parse as one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, expected an object")
+    return value
 
 
 # How a covjax parameter relates to its HF tensor: "same" shape, "flat" (HF is 1-D), or an int
@@ -163,14 +185,14 @@ def _layer_and_name(path: str, scan: bool) -> tuple[int | None, str]:
 
 
 def from_pretrained(
-    path: str,
+    path: str | os.PathLike,
     *,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
     mesh: Mesh | None = None,
-    compute_dtype=None,
+    compute_dtype: DTypeLike | None = None,
     remat: str = "none",
     scan_layers: bool = True,
-    **config_overrides,
+    **config_overrides: Any,
 ) -> Transformer:
     """Loads a local Hugging Face folder (config.json + safetensors) into a covjax Transformer.
 
@@ -183,17 +205,19 @@ def from_pretrained(
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} does not exist")
-    with open(config_path, encoding="utf-8") as f:
-        hf_config = json.load(f)
+    hf_config = _read_json(config_path)
     param_dtype = jnp.dtype(dtype)
-    config = ModelConfig.from_hf_config(
-        hf_config,
-        param_dtype=param_dtype.name,
-        compute_dtype=jnp.dtype(compute_dtype or param_dtype).name,
-        remat=remat,
-        scan_layers=scan_layers,
-        **config_overrides,
-    )
+    try:
+        config = ModelConfig.from_hf_config(
+            hf_config,
+            param_dtype=param_dtype.name,
+            compute_dtype=jnp.dtype(compute_dtype or param_dtype).name,
+            remat=remat,
+            scan_layers=scan_layers,
+            **config_overrides,
+        )
+    except ValueError as e:
+        raise ValueError(f"{config_path}: {e}") from e
     tensors = _open_checkpoint(path)
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     specs = {ours: (theirs, t) for ours, theirs, t in _tensor_specs(config)}
@@ -280,7 +304,9 @@ def hf_state_dict(model: Transformer) -> dict[str, np.ndarray]:
     return tensors
 
 
-def save_pretrained(model: Transformer, path: str, tokenizer=None) -> None:
+def save_pretrained(
+    model: Transformer, path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None
+) -> None:
     """Writes config.json + model.safetensors (+ tokenizer files) for transformers to load.
 
     In a multi-process run every process must call it (the gather is collective); process 0
@@ -298,7 +324,7 @@ def save_pretrained(model: Transformer, path: str, tokenizer=None) -> None:
         tokenizer.save_pretrained(path)
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """The tokenizer saved next to the weights (transformers' AutoTokenizer, local files only)."""
     from transformers import AutoTokenizer
 

@@ -25,11 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.typing import DTypeLike
 
 from covjax.model.config import ModelConfig
 from covjax.sharding import constrain
 
 _INIT_STD = 0.02  # transformers' initializer_range
+KV = tuple[jax.Array, jax.Array]  # keys, values of all layers [L, B, S, Hkv, Dh]
+Masks = tuple[jax.Array | None, jax.Array | None]  # (visibility [B, 1, T, S], query_valid [B, T])
 
 
 def _param(rngs: nnx.Rngs | None, shape, logical_axes, dtype, init: str) -> nnx.Param:
@@ -63,7 +66,9 @@ class KVCache:
         return KVCache(k=kv, v=kv, key_mask=("act_batch", "cache_length"), index=())
 
 
-def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
+def init_cache(
+    config: ModelConfig, batch_size: int, max_len: int, dtype: DTypeLike | None = None
+) -> KVCache:
     """An empty cache of `max_len` slots (dtype defaults to the compute dtype)."""
     if batch_size < 1 or max_len < 1:
         raise ValueError(f"init_cache batch_size={batch_size}, max_len={max_len}: must be >= 1")
@@ -180,7 +185,16 @@ class Block(nnx.Module):
     def _w(self, name: str) -> jax.Array:
         return getattr(self, name)[...].astype(self.config.jnp_compute_dtype)
 
-    def attention(self, x, cos, sin, masks, kv, index, layer):
+    def attention(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        masks: Masks,
+        kv: KV | None,
+        index: jax.Array | None,
+        layer: jax.Array | int | None,
+    ) -> tuple[jax.Array, KV | None]:
         """GQA self-attention; with `kv` the new keys/values are written at slot `index`.
 
         kv = (k, v) of ALL layers [L, B, S, Hkv, Dh] (or None): this block writes its T new
@@ -227,14 +241,23 @@ class Block(nnx.Module):
             y = y + self._w("o_bias")
         return y, new_kv
 
-    def mlp(self, x):
+    def mlp(self, x: jax.Array) -> jax.Array:
         """SwiGLU: down(silu(gate(x)) * up(x))."""
         gate = jnp.einsum("btd,df->btf", x, self._w("gate_proj"))
         up = jnp.einsum("btd,df->btf", x, self._w("up_proj"))
         h = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
         return jnp.einsum("btf,fd->btd", h, self._w("down_proj"))
 
-    def __call__(self, x, cos, sin, masks, kv=None, index=None, layer=None):
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        masks: Masks,
+        kv: KV | None = None,
+        index: jax.Array | None = None,
+        layer: jax.Array | int | None = None,
+    ) -> tuple[jax.Array, KV | None]:
         """(x', kv'): kv is the all-layer cache (or None), `layer` this block's index in it."""
         eps = self.config.rms_norm_eps
         attn, new_kv = self.attention(
@@ -293,7 +316,15 @@ class Transformer(nnx.Module):
         w = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
         return w.astype(self.config.jnp_compute_dtype)
 
-    def __call__(self, input_ids, positions=None, *, attention_mask=None, cache=None):
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Logits [B, T, V] float32; with `cache`, (logits, the cache with these T tokens)."""
         h, new_cache = self._forward(input_ids, positions, attention_mask, cache)
         logits = jnp.einsum(
             "btd,dv->btv", h, self.unembed_kernel(), preferred_element_type=jnp.float32
@@ -301,7 +332,13 @@ class Transformer(nnx.Module):
         logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
         return logits if cache is None else (logits, new_cache)
 
-    def hidden_states(self, input_ids, positions=None, *, attention_mask=None) -> jax.Array:
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        attention_mask: jax.Array | None = None,
+    ) -> jax.Array:
         """Final-norm hidden states [B, T, D] (compute dtype); logits = this @ unembed_kernel()."""
         return self._forward(input_ids, positions, attention_mask, None)[0]
 

@@ -258,7 +258,10 @@ def score_batch(
 ) -> list[float]:
     """Rule reward of each response (`correct` / `incorrect`), order preserved, each check
     limited to `timeout_s` seconds. `num_workers` defaults to min(8, CPU count)."""
-    num_workers = num_workers or min(8, os.cpu_count() or 1)
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1)
+    if not num_workers >= 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     ok = shared_pool(num_workers).check(responses, ground_truths, timeout_s=timeout_s)
     return [correct if o else incorrect for o in ok]
 

@@ -23,12 +23,19 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+    from covjax.model import ModelConfig
+    from covjax.sampler import Rollout
 
 NUM_DIGITS = 6  # a response is exactly this many digits, then EOS
 MIN_TARGET, MAX_TARGET = 4, 50  # the targets that have a token (the hard variant's range)
@@ -70,7 +77,7 @@ def vocabulary() -> dict[str, int]:
     return {tok: i for i, tok in enumerate(tokens)}
 
 
-def build_tokenizer():
+def build_tokenizer() -> PreTrainedTokenizerFast:
     """The toy's tokenizer, built offline: WordLevel over whitespace, BOS prepended to prompts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -132,7 +139,7 @@ def score(response: Sequence[int], target: int, variant: Variant) -> float:
     return float(sum(digits) == target)
 
 
-def score_rollout(rollout, targets: Sequence[int], variant: Variant) -> np.ndarray:
+def score_rollout(rollout: Rollout, targets: Sequence[int], variant: Variant) -> np.ndarray:
     """Rewards [N] float32 of a sampler Rollout whose row i answers prompt group_ids[i]."""
     p = rollout.prompt_length
     return np.array(
@@ -220,7 +227,7 @@ def warm_start_batch(
 # ---------------------------------------------------------------------------------------------
 
 
-def model_config(*, param_dtype: str = "float32", compute_dtype: str = "float32"):
+def model_config(*, param_dtype: str = "float32", compute_dtype: str = "float32") -> ModelConfig:
     """A tiny Qwen2-shaped decoder (2 layers, width 64, 4 heads, GQA 2 KV heads, ~94k params)."""
     from covjax.model import ModelConfig
 
@@ -254,20 +261,22 @@ class WarmStart:
     frac_correct: float = 0.65
 
 
-def _param_leaves(model) -> list[tuple[str, jax.Array]]:
+def _param_leaves(model: nnx.Module) -> list[tuple[str, jax.Array]]:
     """(path string, array) of the model's parameters, in flattening order."""
     leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
     return [(jax.tree_util.keystr(p), x) for p, x in leaves]
 
 
-def _cache_path(cache_dir: str, variant: Variant, seed: int, ws: WarmStart, model) -> Path:
+def _cache_path(
+    cache_dir: str, variant: Variant, seed: int, ws: WarmStart, model: nnx.Module
+) -> Path:
     shapes = [(k, tuple(x.shape), str(x.dtype)) for k, x in _param_leaves(model)]
     key = json.dumps([variant.name, seed, dataclasses.asdict(ws), shapes], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(cache_dir).expanduser() / f"toy_{variant.name}_seed{seed}_{digest}.npz"
 
 
-def _train_supervised(model, variant: Variant, seed: int, ws: WarmStart) -> np.ndarray:
+def _train_supervised(model: nnx.Module, variant: Variant, seed: int, ws: WarmStart) -> np.ndarray:
     """Runs the warm start in place on `model`: next-token cross-entropy on the response tokens.
 
     Returns the loss of every step."""
@@ -303,7 +312,12 @@ def _train_supervised(model, variant: Variant, seed: int, ws: WarmStart) -> np.n
 
 
 def warm_start(
-    model, *, variant: Variant, seed: int, ws: WarmStart = WarmStart(), cache_dir: str = ""
+    model: nnx.Module,
+    *,
+    variant: Variant,
+    seed: int,
+    ws: WarmStart = WarmStart(),
+    cache_dir: str = "",
 ) -> bool:
     """Puts the warm-started policy for (variant, seed) into `model` in place.
 

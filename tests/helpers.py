@@ -1,0 +1,72 @@
+"""Offline builders shared by the tests: tiny random transformers models, a word-level chat
+tokenizer, jsonl files. Everything is made in-process or under tmp_path; nothing is downloaded.
+torch, transformers and tokenizers are imported where used, so that importing this module for
+TINY_SHAPE costs nothing."""
+
+import json
+
+# The shape of the tiny models (2 layers, width 64, GQA 4 query / 2 KV heads of 16 dims); tests
+# add the vocabulary and whatever their family varies.
+TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
+HF_CLASSES = {  # family -> (transformers config class, causal-LM class)
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+}
+
+
+def tiny_hf_model(family: str, seed: int, **config):
+    """A transformers model of `family` with random weights drawn after torch.manual_seed(seed),
+    in eval mode; `config` holds the config keywords."""
+    import torch
+    import transformers
+
+    config_cls, model_cls = (getattr(transformers, name) for name in HF_CLASSES[family])
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**config)).eval()
+
+
+SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer(words):
+    """A word-level tokenizer built offline over `words`, with a ChatML-like template.
+
+    Returns (transformers tokenizer, the raw `tokenizers.Tokenizer` used as the reference).
+    """
+    import tokenizers
+    import transformers
+
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(SPECIALS + list(words)))}
+    raw = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    raw.add_special_tokens(SPECIALS)
+    raw.decoder = tokenizers.decoders.WordPiece(prefix="##", cleanup=False)
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>"
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok, raw
+
+
+def chatml(messages):
+    """The template rendered by hand (the reference for apply_chat_template)."""
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return turns + "<|im_start|>assistant\n"
+
+
+def write_jsonl(path, rows):
+    """Writes `rows` as JSON lines to `path` and returns the path."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
