@@ -42,8 +42,9 @@ import dataclasses
 import functools
 import logging
 import math
+import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import chex
 import jax
@@ -54,7 +55,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from covjax.model import ModelConfig, init_cache
+from covjax.model.config import DTYPES
 from covjax.sharding import data_sharding
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +95,36 @@ class SamplingMode:
     greedy: bool
     top_k: int  # 0 = no top-k truncation
     use_top_p: bool
+
+
+def _is_int(value: Any, low: int) -> bool:
+    """True for an integral number (4 or 4.0; not 4.5, nan or "4") that is >= low."""
+    return (
+        isinstance(value, numbers.Real)
+        and math.isfinite(value)
+        and int(value) == value
+        and value >= low
+    )
+
+
+def _token_lists(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The prompts as lists of Python ints; a ValueError names a prompt that is not one."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)):
+        raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+    out = []
+    for i, prompt in enumerate(prompts):
+        try:
+            ids = np.asarray(prompt)
+            valid = ids.ndim == 1 and (ids.size == 0 or ids.dtype.kind in "iu")
+        except ValueError:  # ragged nesting
+            valid = False
+        if not valid:
+            raise ValueError(
+                f"prompts[{i}] must be a list of int token ids, got {type(prompt).__name__} "
+                f"{str(prompt)[:50]} (tokenize text first; one prompt is passed as [ids])"
+            )
+        out.append(ids.tolist())
+    return out
 
 
 def _bucket(value: int, buckets: Sequence[int], multiple: int = 1) -> int:
@@ -208,7 +243,9 @@ class Sampler:
         self.config = model.config
         self.mesh = mesh
         dtype = compute_dtype if compute_dtype is not None else self.config.compute_dtype
-        self.compute_dtype = jnp.dtype(dtype).name
+        self.compute_dtype = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(f"compute_dtype must be one of {DTYPES}, got {compute_dtype!r}")
         self.length_buckets = _check_buckets("length_buckets", length_buckets)
         self.batch_buckets = _check_buckets("batch_buckets", batch_buckets)
         if int(compact_min_batch) != compact_min_batch or compact_min_batch < 0:
@@ -246,9 +283,18 @@ class Sampler:
         `budgets` (optional, one int in [1, max_new_tokens] per response row) caps each row's
         response length below max_new_tokens: the benchmark uses it to end rows at preset lengths.
         """
-        prompts = [list(map(int, p)) for p in prompts]
+        prompts = _token_lists(prompts)
         budgets = self._validate(
-            prompts, max_new_tokens, temperature, top_p, top_k, n, stop_token_ids, rng, budgets
+            prompts,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            n,
+            stop_token_ids,
+            rng,
+            budgets,
+            pad_id,
         )
         num_rows = len(prompts) * n
         prompt_len = _bucket(max(len(p) for p in prompts), self.length_buckets)
@@ -301,27 +347,31 @@ class Sampler:
 
     # ------------------------------------------------------------------ internals
 
-    def _validate(self, prompts, max_new_tokens, temperature, top_p, top_k, n, stops, rng, budgets):
+    def _validate(
+        self, prompts, max_new_tokens, temperature, top_p, top_k, n, stops, rng, budgets, pad_id
+    ) -> np.ndarray:
         """Raises ValueError naming the bad argument; returns the per-row budgets [N]."""
         if not prompts:
             raise ValueError("prompts is empty: need at least one prompt")
-        if int(n) != n or n < 1:
-            raise ValueError(f"n must be an int >= 1, got {n}")
+        if not _is_int(n, 1):
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
         context = self.config.max_position_embeddings
-        if int(max_new_tokens) != max_new_tokens or not 1 <= max_new_tokens < context:
+        if not (_is_int(max_new_tokens, 1) and max_new_tokens < context):
             raise ValueError(
                 f"max_new_tokens must be an int in [1, max_position_embeddings={context}), "
-                f"got {max_new_tokens}"
+                f"got {max_new_tokens!r}"
             )
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if int(top_k) != top_k or top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k}")
+        if not (isinstance(temperature, numbers.Real) and temperature >= 0):
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+        if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if not _is_int(top_k, 0):
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
         if rng is None:
             raise ValueError("rng must be a JAX PRNG key (jax.random.key(seed)), got None")
         vocab = self.config.vocab_size
+        if not (_is_int(pad_id, 0) and pad_id < vocab):
+            raise ValueError(f"pad_id must be an int in [0, vocab_size={vocab}), got {pad_id!r}")
         for i, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"prompts[{i}] is empty")
@@ -523,7 +573,9 @@ def _assemble(ids, mask, resp_tokens, resp_logp, lengths, stopped, n, pad_id) ->
     )
 
 
-def decode_responses(rollout: Rollout, tokenizer, *, skip_special_tokens: bool = True) -> list[str]:
+def decode_responses(
+    rollout: Rollout, tokenizer: PreTrainedTokenizerBase, *, skip_special_tokens: bool = True
+) -> list[str]:
     """Response texts of a rollout: each row's response tokens, without its stop token."""
     start = rollout.prompt_length
     ends = start + rollout.lengths - rollout.stopped.astype(np.int32)
