@@ -4,16 +4,24 @@
 
 Without --config it runs configs/default.py, the embedded toy with Clip-Cov. The workdir defaults
 to runs/<config name>_<timestamp>; an existing workdir with checkpoints is resumed.
+
+Several processes (TPU pod hosts, GPU nodes) run the same command; they join through
+jax.distributed, found from the Cloud TPU metadata or SLURM, or given explicitly:
+
+    python -m covjax.train ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+
+(same workdir on a file system every process sees; process 0 writes the metrics and logs).
 """
 
 from __future__ import annotations
 
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from covjax import trainer
+from covjax import sharding, trainer
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(_REPO_ROOT, "configs", "default.py")
@@ -25,6 +33,13 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output folder (default runs/<config name>_<timestamp>); resumed if it exists."
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-process run: HOST:PORT of process 0's jax.distributed coordinator (with "
+    "--num_processes and --process_id; unset: detected on Cloud TPU / SLURM, else one process).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process run: processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process run: this process, 0-based.")
 
 
 def _config_name() -> str:
@@ -35,7 +50,14 @@ def _config_name() -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    # one log: process 0 logs progress, the others only warnings and errors
+    logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+    if _WORKDIR.value is None and jax.process_count() > 1:
+        raise app.UsageError(
+            f"--workdir is required with {jax.process_count()} processes (each would pick its "
+            "own timestamped default)"
+        )
     workdir = _WORKDIR.value or trainer.default_workdir(_config_name())
     logging.info("workdir: %s", workdir)
     trainer.train(_CONFIG.value, workdir)

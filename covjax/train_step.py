@@ -251,6 +251,41 @@ def micro_batch_loss(
     return loss, stats
 
 
+def select_minibatch(
+    params: nnx.State,
+    batch: Batch,
+    rng: jax.Array,
+    *,
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    cfg: StepConfig,
+) -> tuple[jax.Array, jax.Array]:
+    """The selection pre-pass of `update` (cov_scope="minibatch"): the policy's log-probs [B, R]
+    of the whole mini-batch and the tokens [B, R] Clip-Cov / KL-Cov select among them by Eq. 10's
+    covariance (covjax.losses.select_tokens; `rng`: Clip-Cov's random choice)."""
+    logp, _ = batched_logprobs(graphdef, params, rest, batch, cfg)
+    selected = losses.select_tokens(
+        logp,
+        batch["old_logp"],
+        batch["advantages"],
+        batch["mask"],
+        method=cfg.method,
+        rng=rng,
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        clip_cov_ratio=cfg.clip_cov_ratio,
+        clip_cov_lb=cfg.clip_cov_lb,
+        clip_cov_ub=cfg.clip_cov_ub,
+        kl_cov_ratio=cfg.kl_cov_ratio,
+    )
+    return logp, selected
+
+
+def update_rngs(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(selection key, loss key) of `update`'s key."""
+    return tuple(jax.random.split(rng))
+
+
 def update(
     state: TrainState,
     batch: Batch,
@@ -272,25 +307,13 @@ def update(
                          "does not divide it")
     num_micro = num_seqs // cfg.micro_batch_size
     denominators = _denominators(mask)
-    select_rng, loss_rng = jax.random.split(rng)
+    select_rng, loss_rng = update_rngs(rng)
 
     logp = None
     selected = None
     if cfg.preselect:  # the selection of the whole mini-batch, handed to every micro-batch
-        logp, _ = batched_logprobs(graphdef, state.params, rest, batch, cfg)
-        selected = losses.select_tokens(
-            logp,
-            batch["old_logp"],
-            batch["advantages"],
-            mask,
-            method=cfg.method,
-            rng=select_rng,
-            clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high,
-            clip_cov_ratio=cfg.clip_cov_ratio,
-            clip_cov_lb=cfg.clip_cov_lb,
-            clip_cov_ub=cfg.clip_cov_ub,
-            kl_cov_ratio=cfg.kl_cov_ratio,
+        logp, selected = select_minibatch(
+            state.params, batch, select_rng, graphdef=graphdef, rest=rest, cfg=cfg
         )
 
     micro = jax.tree.map(lambda x: _split_micro(x, num_micro), batch)

@@ -9,6 +9,18 @@ Everything a step needs is derived from (seed, step) and the data position, whic
 checkpointed with the parameters and the optimizer state, so a resumed run repeats exactly what
 an uninterrupted one would have done.
 Metric "step" is the 0-based index of the RL step; checkpoints are numbered by completed steps.
+
+Several processes (jax.distributed, one mesh over all their devices) run this same loop:
+- every process draws the same prompts (cheap, and the data order does not depend on the number
+  of processes); the sampler is one program over the global mesh, so each device decodes only
+  the rows it holds, with per-row keys from the global row index (a row draws the same tokens on
+  any number of processes); its results are all-gathered to every host (small: token ids);
+- each process scores its own contiguous slice of the responses (math-verify is the costly part)
+  and the rewards are all-gathered, so the bookkeeping after it (advantages, the dynamic-sampling
+  filter, metrics) is the same computation on every host;
+- training batches are global arrays whose shards each process fills from that host data;
+- process 0 alone writes config.json, metrics.jsonl, TensorBoard, cov dumps, hf_final and the
+  log; every process takes part in the orbax checkpoint (orbax coordinates the writes).
 """
 
 from __future__ import annotations
@@ -218,6 +230,48 @@ class StepData:
     # kept for the entropy and covariance metrics only
 
 
+class GatheringSampler(Sampler):
+    """A Sampler on a mesh that spans several processes (see the module docstring).
+
+    Every process calls `generate` with the same prompts: the jitted program runs over the global
+    mesh, each device decoding its own rows. Sampler.generate fetches the [B, ...] results with
+    jax.device_get, which reads only this process's devices, so here they are all-gathered first.
+    """
+
+    def _compiled(self, graphdef):
+        generate = super()._compiled(graphdef)
+
+        def gathered(*args):
+            return sharding.host_gather(generate(*args))
+
+        return gathered
+
+
+def _rollout_rows(rollout: Rollout, rows: np.ndarray) -> Rollout:
+    """The responses `rows` of a rollout (group_ids keep indexing the full prompt list)."""
+    return dataclasses.replace(
+        rollout,
+        **{
+            f.name: getattr(rollout, f.name)[rows]
+            for f in dataclasses.fields(rollout)
+            if f.name != "prompt_length"
+        },
+    )
+
+
+def score_split(task, rollout: Rollout, truths: Sequence) -> np.ndarray:
+    """Rewards [N] of every response; each process scores its own slice (sharding.process_rows)
+    and the slices are all-gathered, so every process returns the same array."""
+    num_rows = rollout.lengths.shape[0]
+    if jax.process_count() == 1:
+        return task.score(rollout, truths)
+    rows = sharding.process_rows(num_rows)
+    local = np.zeros(-(-num_rows // jax.process_count()), np.float32)
+    if rows.size:
+        local[: rows.size] = task.score(_rollout_rows(rollout, rows), truths)
+    return sharding.host_concat(local)[:num_rows]
+
+
 def collect_rollouts(task, sampler: Sampler, config, rng: jax.Array) -> StepData:
     """Samples prompts_per_step groups of n responses; with dynamic sampling, groups whose
     rewards all agree are dropped and new prompts are sampled (up to rollout.max_gen_rounds
@@ -246,7 +300,7 @@ def collect_rollouts(task, sampler: Sampler, config, rng: jax.Array) -> StepData
             rng=jax.random.fold_in(rng, round_index),
         )
         t1 = time.perf_counter()
-        rewards = task.score(rollout, truths)
+        rewards = score_split(task, rollout, truths)
         t_gen, t_score = t_gen + t1 - t0, t_score + time.perf_counter() - t1
         if round_index == 0:
             first = (rollout, np.arange(rewards.size), np.zeros_like(rewards))
@@ -373,7 +427,10 @@ class MetricsWriter:
 
         self.path = workdir / METRICS_FILE
         self.enabled = jax.process_index() == 0  # one writer in a multi-host run
-        if self.enabled and self.path.exists():  # drop steps logged after the checkpoint
+        self.tb = None
+        if not self.enabled:
+            return
+        if self.path.exists():  # drop steps logged after the checkpoint
             lines = self.path.read_text().splitlines()
             keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] < resume_step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
@@ -390,7 +447,8 @@ class MetricsWriter:
                 self.tb.add_scalar(k, v, step)
 
     def close(self) -> None:
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def _json_number(v: float) -> float | None:
@@ -414,21 +472,33 @@ def summary_table(records: list[dict[str, Any]]) -> str:
 
 
 def make_mesh(config) -> jax.sharding.Mesh:
-    """The (data, fsdp, tensor) mesh; without a -1 only the first data*fsdp*tensor devices."""
+    """The (data, fsdp, tensor) mesh of config.mesh (-1: the remaining devices).
+
+    One process without a -1 may use only the first data*fsdp*tensor devices; several processes
+    must use all of them (a process without a device in the mesh could not take part).
+    """
     m = config.mesh
     sizes = (m.data, m.fsdp, m.tensor)
-    devices = None if -1 in sizes else jax.devices()[: math.prod(sizes)]
+    devices = jax.devices()
+    if -1 not in sizes and jax.process_count() > 1 and math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"config.mesh data={m.data} x fsdp={m.fsdp} x tensor={m.tensor} = {math.prod(sizes)}"
+            f" devices, but the {jax.process_count()} processes have {len(devices)}: a "
+            "multi-process run uses every device (set one axis to -1)"
+        )
+    if -1 not in sizes:
+        devices = devices[: math.prod(sizes)]
     return sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
 
 
 def build_model(config, mesh) -> tuple[Transformer, Any]:
-    """(model, tokenizer): the toy's fresh tiny model, or a local Hugging Face folder."""
+    """(model, tokenizer): a local Hugging Face folder, loaded onto `mesh`; or the toy's fresh
+    tiny model, on this process's default device (the trainer warm-starts, then shards it)."""
     m = config.model
     if config.data.task == "toy":
         model_cfg = toy.model_config(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype)
         model_cfg = model_cfg.replace(remat=m.remat, scan_layers=m.scan_layers)
-        model = Transformer(model_cfg, rngs=nnx.Rngs(config.seed))
-        return sharding.shard_model(model, mesh), toy.build_tokenizer()
+        return Transformer(model_cfg, rngs=nnx.Rngs(config.seed)), toy.build_tokenizer()
     from covjax.model import load_tokenizer
 
     model = from_pretrained(
@@ -483,10 +553,11 @@ class StopFlag:
 def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """Runs (or resumes) the RL job of `config` in `workdir`; returns the metric records."""
     config_lib.validate(config)  # before anything is created or compiled
-    workdir = Path(workdir).expanduser().resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config_lib.to_json(config))
-
+    if "://" in str(workdir):
+        raise ValueError(
+            f"workdir={workdir!r}: remote (URL) workdirs are not supported; use a path on a "
+            "file system every process sees"
+        )
     mesh = make_mesh(config)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if (config.train.mini_batch_prompts * config.rollout.n) % shards:
@@ -495,39 +566,51 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
             f"{config.train.mini_batch_prompts * config.rollout.n} rows per mini-batch do not "
             f"split over the {shards} batch shards of config.mesh (data x fsdp)"
         )
-    with jax.set_mesh(mesh):
-        return _train(config, workdir, mesh)
+    workdir = Path(workdir).expanduser().resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config_lib.to_json(config))
 
-
-def _train(config, workdir: Path, mesh) -> list[dict[str, Any]]:
     model, tokenizer = build_model(config, mesh)
+    manager = ocp.CheckpointManager(
+        workdir / "checkpoints",
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+        item_names=("state", "meta"),
+    )
+    if config.data.task == "toy":
+        if manager.latest_step() is None and config.data.toy.warm_start_steps > 0:
+            toy_warm_start(config, model)
+        sharding.shard_model(model, mesh)
+    with jax.set_mesh(mesh):
+        return _train(config, workdir, mesh, model, tokenizer, manager)
+
+
+def toy_warm_start(config, model: Transformer) -> None:
+    """The toy's supervised warm start, in place, outside any mesh: on one device of every
+    process alike, so the RL run starts from the same policy whatever the mesh."""
+    t0 = time.perf_counter()
+    ws = toy.WarmStart(
+        steps=config.data.toy.warm_start_steps,
+        batch_size=config.data.toy.warm_start_batch,
+        lr=config.data.toy.warm_start_lr,
+        frac_correct=config.data.toy.warm_start_frac_correct,
+    )
+    cached = toy.warm_start(
+        model, variant=toy.get_variant(config.data.toy.variant), seed=config.seed, ws=ws,
+        cache_dir=config.data.toy.cache_dir,
+    )
+    logging.info("toy warm start (%s): %.1fs", "cached" if cached else "trained",
+                 time.perf_counter() - t0)
+
+
+def _train(config, workdir: Path, mesh, model, tokenizer, manager) -> list[dict[str, Any]]:
     task = ToyTask(config) if config.data.task == "toy" else MathTask(config, tokenizer)
     cfg = train_step.StepConfig.from_config(config)
     tx, schedule = train_step.make_optimizer(
         config.optim.lr, config.optim.weight_decay, config.optim.grad_clip,
         config.optim.warmup_steps,
     )
-
-    manager = ocp.CheckpointManager(
-        workdir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
-        item_names=("state", "meta"),
-    )
     latest = manager.latest_step()
-    if latest is None and config.data.task == "toy" and config.data.toy.warm_start_steps > 0:
-        t0 = time.perf_counter()
-        ws = toy.WarmStart(
-            steps=config.data.toy.warm_start_steps,
-            batch_size=config.data.toy.warm_start_batch,
-            lr=config.data.toy.warm_start_lr,
-            frac_correct=config.data.toy.warm_start_frac_correct,
-        )
-        cached = toy.warm_start(
-            model, variant=task.variant, seed=config.seed, ws=ws,
-            cache_dir=config.data.toy.cache_dir,
-        )
-        logging.info("toy warm start (%s): %.1fs", "cached" if cached else "trained",
-                     time.perf_counter() - t0)
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     param_sharding = train_step.param_shardings(params, mesh)
@@ -566,7 +649,7 @@ def _train(config, workdir: Path, mesh) -> list[dict[str, Any]]:
             force=True,
         )
 
-    sampler = Sampler(
+    sampler = (GatheringSampler if jax.process_count() > 1 else Sampler)(
         model,
         mesh=mesh,
         length_buckets=_prompt_buckets(config.data.max_prompt_length),
@@ -601,9 +684,10 @@ def _train(config, workdir: Path, mesh) -> list[dict[str, Any]]:
         return compiled[key]
 
     records: list[dict[str, Any]] = []
+    stopping = False
     with StopFlag() as stop, tqdm.trange(
         start_step, config.train.steps, initial=start_step, total=config.train.steps,
-        desc="rl", dynamic_ncols=True,
+        desc="rl", dynamic_ncols=True, disable=jax.process_index() != 0,
     ) as bar:
         for step in bar:
             t_step = time.perf_counter()
@@ -635,15 +719,16 @@ def _train(config, workdir: Path, mesh) -> list[dict[str, Any]]:
                 sel=f"{metrics.get('cov/frac_selected', math.nan):.4f}",
             )
             done = step + 1
-            if stop.set or done == config.train.steps or (
+            stopping = sharding.any_process(stop.set)  # all processes stop at the same step
+            if stopping or done == config.train.steps or (
                 config.train.checkpoint_interval and done % config.train.checkpoint_interval == 0
             ):
                 save(done)
-            if stop.set:
+            if stopping:
                 logging.warning("stopped by signal after step %d (checkpoint saved)", step)
                 break
 
-    finished = not stop.set
+    finished = not stopping
     if finished and config.train.eval_interval:
         final_rng = jax.random.fold_in(jax.random.fold_in(base_rng, config.train.steps), 1)
         final = task.evaluate(sampler, final_rng, config.rollout)
@@ -653,12 +738,14 @@ def _train(config, workdir: Path, mesh) -> list[dict[str, Any]]:
     manager.close()
     writer.close()
     if finished:
-        save_pretrained(model, str(workdir / "hf_final"), tokenizer=tokenizer)
-        if config.data.task == "toy":  # beside a qwen2 config.json, AutoTokenizer would load
-            tokenizer.save_pretrained(str(workdir / "tokenizer"))  # Qwen2's own tokenizer
+        save_pretrained(model, str(workdir / "hf_final"), tokenizer=tokenizer)  # process 0 writes
+        if config.data.task == "toy" and jax.process_index() == 0:
+            # beside a qwen2 config.json, AutoTokenizer would load Qwen2's own tokenizer
+            tokenizer.save_pretrained(str(workdir / "tokenizer"))
     logging.info("compilations: sampler %d, update/log-prob shapes %d", sampler.num_compilations,
                  len(compiled))
-    print(summary_table(records), flush=True)
+    if jax.process_index() == 0:
+        print(summary_table(records), flush=True)
     return records
 
 
@@ -672,12 +759,12 @@ def _learn(step, step_rng, data: StepData, state, ref_params, step_fns, cfg, con
     batch = {k: _to_device(v, b_sharding[k]) for k, v in host.items()}
     lp_batch = {k: batch[k] for k in ("input_ids", "positions", "attention_mask", "targets")}
     old_logp, entropy = logprob_fn(state.params, lp_batch)
-    host["old_logp"] = old_logp_np = np.asarray(old_logp)
+    host["old_logp"] = old_logp_np = sharding.host_gather(old_logp)
     if ref_params is not None:
-        host["ref_logp"] = np.asarray(logprob_fn(ref_params, lp_batch)[0])
+        host["ref_logp"] = sharding.host_gather(logprob_fn(ref_params, lp_batch)[0])
 
     mask = host["mask"]
-    entropy_np = np.asarray(entropy)
+    entropy_np = sharding.host_gather(entropy)
     metrics: dict[str, Any] = entropy_metrics(entropy_np, mask)
     sampled = data.arrays["logprobs"][:, data.prompt_length:]
     metrics["rollout/logprob_abs_diff"] = float(np.abs(old_logp_np - sampled)[mask].mean())
@@ -690,7 +777,8 @@ def _learn(step, step_rng, data: StepData, state, ref_params, step_fns, cfg, con
     all_cov = np.concatenate(covs)
     metrics["cov/mean"] = float(all_cov.mean()) if all_cov.size else math.nan
     metrics["cov/p99"] = float(np.percentile(all_cov, 99)) if all_cov.size else math.nan
-    if config.train.cov_dump_interval and step % config.train.cov_dump_interval == 0:
+    dump = config.train.cov_dump_interval and step % config.train.cov_dump_interval == 0
+    if dump and jax.process_index() == 0:
         cov_dir.mkdir(exist_ok=True)
         np.save(cov_dir / f"step_{step:06d}.npy", covs[0])
 
