@@ -15,6 +15,7 @@ jax.distributed, found from the Cloud TPU metadata or SLURM, or given explicitly
 
 from __future__ import annotations
 
+import logging as pylogging
 import os
 
 import jax
@@ -23,6 +24,7 @@ from ml_collections import config_flags
 
 from covjax import sharding, trainer
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(_REPO_ROOT, "configs", "default.py")
 
@@ -47,9 +49,15 @@ def _config_name() -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
+def _covjax_info_or_library_warning(record: pylogging.LogRecord) -> bool:
+    """Keeps covjax's INFO lines and the libraries' warnings (orbax logs each save at INFO)."""
+    return record.levelno >= pylogging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_covjax_info_or_library_warning)
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     # one log: process 0 logs progress, the others only warnings and errors
     logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
