@@ -1,0 +1,573 @@
+"""The toy reproduction of the entropy mechanism (issue 7): run the sweep, tabulate, judge targets.
+
+    python -m covjax.toy_sweep run --out=runs/toy_sweep --seeds=0,1 --steps=300
+    python -m covjax.toy_sweep report --out=runs/toy_sweep --seeds=0,1 \
+        --equal_reward=easy=0.9:0.99,hard=0.5:0.8
+
+`run` trains grpo, clip_higher, clip_cov and kl_cov (configs/toy_<method>.py, ":hard" for the
+non-saturating variant) one after another in subprocesses, into OUT/<variant>_<method>_s<seed>;
+every method of a seed starts from the same cached warm start (covjax.trainer). A run whose
+metrics.jsonl already holds its final record is skipped; an interrupted one resumes from its
+checkpoint. `report` reads the metrics back (covjax.analysis) into one table row per run, checks
+the issue's targets and writes table.md, targets.md, rows.json and figures/ into OUT/report (or
+--report_dir). notebooks/entropy_mechanism.ipynb calls the same functions.
+
+Definitions used by the table and the targets (TOY.md; metric names of CONTRACTS.md):
+- initial entropy = entropy/token_mean at step 0 (the warm-started policy);
+- final entropy, final reward = means of entropy/token_mean and reward/mean over the last
+  `final_window` RL steps (one step's reward of 64 x 8 samples is noisy); final accuracy =
+  val/toy/accuracy of the trainer's evaluation after the last step (every target, 16 samples);
+- the law R = -a exp(H) + b is fitted to (entropy/token_mean, val/toy/accuracy) at the evaluated
+  steps (covjax.analysis.summarize_run: raw, over 30-step bins, and fitted on the first half of
+  the evaluations predicting the second), and to (entropy/token_mean, reward/mean) of every step
+  (raw and over 10-step bins);
+- tokens touched per step = mean of cov/num_selected (tokens Clip-Cov zeroed / KL-Cov
+  penalised in the step, all mini-batches);
+- concentration = the median over the cov dumps from step `concentration_min_step` on of (mean
+  cov of the top 1% tokens) / (mean |cov| of all tokens), steps where all rewards agreed left out
+  (and dumps whose covariances are all 0: without dynamic sampling the first mini-batch may hold
+  no group with differing rewards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import matplotlib
+import numpy as np
+
+from covjax import analysis
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+METHODS = ("grpo", "clip_higher", "clip_cov", "kl_cov")
+VARIANTS = ("easy", "hard")
+ACCURACY_KEY = "val/toy/accuracy"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_name(variant: str, method: str, seed: int) -> str:
+    """The workdir name of one run: <variant>_<method>_s<seed>."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r} is not one of {list(VARIANTS)}")
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {list(METHODS)}")
+    return f"{variant}_{method}_s{seed}"
+
+
+def train_command(variant: str, method: str, seed: int, workdir: str, *, steps: int,
+                  smoke: bool = False, overrides: Sequence[str] = ()) -> list[str]:
+    """The `python -m covjax.train` command of one run (configs/toy_<method>.py[:hard][,smoke]);
+    `overrides` are extra "key=value" config overrides (e.g. "data.toy.warm_start_steps=200")."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    words = [w for w, on in (("hard", variant == "hard"), ("smoke", smoke)) if on]
+    run_name(variant, method, seed)  # validates variant and method
+    config = os.path.join(REPO_ROOT, "configs", f"toy_{method}.py")
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"config file {config!r} not found (run from a covjax checkout)")
+    if words:
+        config += ":" + ",".join(words)
+    for override in overrides:
+        if "=" not in override:
+            raise ValueError(f"override {override!r} is not key=value")
+    return [sys.executable, "-m", "covjax.train", f"--config={config}", f"--config.seed={seed}",
+            f"--config.train.steps={steps}", *(f"--config.{o}" for o in overrides),
+            f"--workdir={workdir}"]
+
+
+def is_complete(workdir: str, steps: int) -> bool:
+    """True when `workdir`/metrics.jsonl holds the record of the final evaluation (step == steps),
+    which the trainer writes after the last RL step."""
+    path = os.path.join(workdir, analysis.METRICS_FILE)
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    return bool(lines) and json.loads(lines[-1]).get("step") == steps
+
+
+def _subprocess_env() -> dict[str, str]:
+    """This environment without a forced host device count (tests set 8 fake CPU devices; a
+    training run uses one device as from the command line)."""
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
+    else:
+        env.pop("XLA_FLAGS", None)
+    return env
+
+
+def run_sweep(out_dir: str, *, steps: int = 300, seeds: Sequence[int] = (0,),
+              variants: Sequence[str] = VARIANTS, methods: Sequence[str] = METHODS,
+              smoke: bool = False, overrides: Sequence[str] = (),
+              log: Callable[[str], None] = print) -> dict[str, str]:
+    """Trains every (seed, variant, method) run one at a time (seed-major, so that a shortened
+    sweep still compares all methods) and returns {run name: workdir}. Each run's output goes to
+    its workdir's train.log; a failed run raises RuntimeError with the log's tail."""
+    if not seeds or not variants or not methods:
+        raise ValueError(f"seeds {seeds}, variants {variants} and methods {methods} must be "
+                         "non-empty")
+    os.makedirs(out_dir, exist_ok=True)
+    workdirs = {}
+    for seed in seeds:
+        for variant in variants:
+            for method in methods:
+                name = run_name(variant, method, seed)
+                workdir = os.path.abspath(os.path.join(out_dir, name))
+                workdirs[name] = workdir
+                if is_complete(workdir, steps):
+                    log(f"{name}: complete, skipped")
+                    continue
+                os.makedirs(workdir, exist_ok=True)
+                command = train_command(variant, method, seed, workdir, steps=steps, smoke=smoke,
+                                        overrides=overrides)
+                t0 = time.perf_counter()
+                log_path = os.path.join(workdir, "train.log")
+                with open(log_path, "a", encoding="utf-8") as log_file:
+                    result = subprocess.run(command, cwd=REPO_ROOT, env=_subprocess_env(),
+                                            stdout=log_file, stderr=subprocess.STDOUT,
+                                            check=False)
+                if result.returncode != 0:
+                    with open(log_path, encoding="utf-8") as f:
+                        tail = f.read()[-3000:]
+                    raise RuntimeError(f"{' '.join(command)} exited with {result.returncode}; "
+                                       f"end of {log_path}:\n{tail}")
+                log(f"{name}: {time.perf_counter() - t0:.0f} s")
+    return workdirs
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRow:
+    """One row of the sweep table (nan where the metrics do not allow a number)."""
+
+    name: str
+    variant: str
+    method: str
+    seed: int
+    num_steps: int
+    initial_entropy: float
+    final_entropy: float
+    final_reward: float
+    final_accuracy: float
+    law_a: float  # R = -a exp(H) + b on (entropy, val/toy/accuracy)
+    law_b: float
+    law_r2: float
+    law_r2_binned: float
+    ceiling: float
+    half_fit_mae: float  # fitted on the first half of the evaluations, predicting the second
+    half_fit_ceiling: float
+    reward_law_r2: float  # the same law on (entropy, reward/mean) of every step
+    reward_law_r2_binned: float
+    tokens_touched: float
+    concentration: float
+    concentration_min: float
+    num_concentration_dumps: int
+
+    @property
+    def entropy_lost(self) -> float:
+        """The fraction of the initial entropy lost by the end."""
+        return 1.0 - self.final_entropy / self.initial_entropy
+
+
+def _tail_mean(records: Sequence[analysis.Record], key: str, window: int) -> float:
+    """Mean of `key` over the last `window` records that hold it."""
+    _, values = analysis.series(records, [key])
+    return float(np.mean(values[-window:])) if values.size else math.nan
+
+
+def _get(obj: object | None, attribute: str) -> float:
+    return math.nan if obj is None else float(getattr(obj, attribute))
+
+
+def summarize(name: str, workdir: str, *, final_window: int = 20, val_bin_steps: int = 30,
+              reward_bin_steps: int = 10, concentration_min_step: int = 10) -> RunRow:
+    """The table row of one run (module docstring: definitions). The law on val/toy/accuracy is
+    binned over `val_bin_steps` steps (the trainer evaluates every 10: a 10-step bin is one
+    evaluation), the law on the per-step reward over `reward_bin_steps`."""
+    variant, method, seed = _parse_name(name)
+    records = analysis.read_metrics(workdir)
+    rl_records = [r for r in records if analysis.ENTROPY_KEY in r]
+    val = analysis.summarize_run(name, workdir, records, accuracy_key=ACCURACY_KEY,
+                                 bin_steps=val_bin_steps,
+                                 concentration_min_step=concentration_min_step)
+    reward = analysis.summarize_run(name, workdir, records, accuracy_key=analysis.REWARD_KEY,
+                                    bin_steps=reward_bin_steps,
+                                    concentration_min_step=concentration_min_step)
+    concentration = [c for step, c in analysis.concentration_by_step(workdir, records).items()
+                     if step >= concentration_min_step and math.isfinite(c)]
+    _, accuracy = analysis.series(records, [ACCURACY_KEY])
+    extrapolation = val.extrapolation
+    return RunRow(
+        name=name, variant=variant, method=method, seed=seed, num_steps=len(rl_records),
+        initial_entropy=val.initial_entropy,
+        final_entropy=_tail_mean(rl_records, analysis.ENTROPY_KEY, final_window),
+        final_reward=_tail_mean(rl_records, analysis.REWARD_KEY, final_window),
+        final_accuracy=float(accuracy[-1]) if accuracy.size else math.nan,
+        law_a=_get(val.fit, "a"), law_b=_get(val.fit, "b"), law_r2=_get(val.fit, "r2"),
+        law_r2_binned=_get(val.binned_fit, "r2"), ceiling=_get(val.fit, "ceiling"),
+        half_fit_mae=_get(extrapolation, "mae"),
+        half_fit_ceiling=math.nan if extrapolation is None else extrapolation.fit.ceiling,
+        reward_law_r2=_get(reward.fit, "r2"), reward_law_r2_binned=_get(reward.binned_fit, "r2"),
+        tokens_touched=val.tokens_touched,
+        concentration=float(np.median(concentration)) if concentration else math.nan,
+        concentration_min=min(concentration) if concentration else math.nan,
+        num_concentration_dumps=len(concentration))
+
+
+def _parse_name(name: str) -> tuple[str, str, int]:
+    """(variant, method, seed) of a run name written by run_name."""
+    variant, rest = name.split("_", 1)
+    method, _, seed = rest.rpartition("_s")
+    if variant not in VARIANTS or method not in METHODS or not seed.isdigit():
+        raise ValueError(f"run name {name!r} is not <variant>_<method>_s<seed> "
+                         f"(variants {list(VARIANTS)}, methods {list(METHODS)})")
+    return variant, method, int(seed)
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One of issue 7's targets on one (variant, seed): its numbers and whether it holds."""
+
+    target: str
+    scope: str
+    measured: str
+    passed: bool | None  # None: a comparison to report, not a pass/fail
+
+
+def equal_reward(workdirs: Mapping[str, str], *, level: float | None, window: int = 10
+                 ) -> tuple[float, dict[str, tuple[int, float] | None]]:
+    """(level, {run: (step, entropy) where its moving-average reward first reaches level});
+    level None = the highest level every run reaches (covjax.analysis.equal_reward_entropies)."""
+    runs = {name: [r for r in analysis.read_metrics(w) if analysis.ENTROPY_KEY in r]
+            for name, w in workdirs.items()}
+    return analysis.equal_reward_entropies(runs, level=level, window=window)
+
+
+def _fmt(x: float, spec: str = ".3g") -> str:
+    return "n/a" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+def evaluate_targets(rows: Sequence[RunRow], workdirs: Mapping[str, str], *,
+                     min_entropy_lost: float = 0.8, min_entropy_ratio: float = 3.0,
+                     max_reward_drop: float = 0.02, min_law_r2: float = 0.9,
+                     min_concentration: float = 20.0,
+                     equal_reward_levels: Mapping[str, Sequence[float]] | None = None,
+                     window: int = 10) -> list[Target]:
+    """Issue 7's targets per (variant, seed), at the issue's thresholds:
+    - grpo loses >= 80% of its initial entropy (both variants);
+    - easy: clip_cov and kl_cov end with >= 3x grpo's entropy and a final reward (last-window
+      mean of reward/mean) at most 2 points below grpo's (the final val/toy/accuracy is shown);
+    - hard: the law fits grpo with R^2 >= 0.9 on (entropy, val/toy/accuracy), raw and binned
+      shown (and the law on the per-step reward), with the first-half prediction's error;
+    - each run: the median concentration over the dumps from the chosen step on is >= 20x;
+    - entropy at equal reward (no threshold): at the highest level all methods of the (variant,
+      seed) reach, and at the levels of `equal_reward_levels[variant]`."""
+    by_key = {(r.variant, r.seed, r.method): r for r in rows}
+    equal_reward_levels = equal_reward_levels or {}
+    targets = []
+    for variant, seed in sorted({(r.variant, r.seed) for r in rows}):
+        scope = f"{variant}, seed {seed}"
+        grpo = by_key.get((variant, seed, "grpo"))
+        if grpo is not None:
+            targets.append(Target(
+                f"grpo loses >= {min_entropy_lost:.0%} of its entropy", scope,
+                f"H {grpo.initial_entropy:.3f} -> {grpo.final_entropy:.3f}: lost "
+                f"{_fmt(100 * grpo.entropy_lost, '.1f')}%",
+                bool(grpo.entropy_lost >= min_entropy_lost)))
+        if variant == "easy" and grpo is not None:
+            for method in ("clip_cov", "kl_cov"):
+                row = by_key.get((variant, seed, method))
+                if row is None:
+                    continue
+                ratio = row.final_entropy / grpo.final_entropy
+                drop = grpo.final_reward - row.final_reward
+                targets.append(Target(
+                    f"{method}: >= {min_entropy_ratio:g}x grpo's entropy, reward <= "
+                    f"{100 * max_reward_drop:g} points below", scope,
+                    f"H {row.final_entropy:.3f} vs {grpo.final_entropy:.3f} = {ratio:.2f}x; "
+                    f"reward {row.final_reward:.4f} vs {grpo.final_reward:.4f} "
+                    f"({-100 * drop:+.2f} points); final accuracy {row.final_accuracy:.3f} vs "
+                    f"{grpo.final_accuracy:.3f}",
+                    bool(ratio >= min_entropy_ratio and drop <= max_reward_drop)))
+        if variant == "hard" and grpo is not None:
+            targets.append(Target(
+                f"law R = -a exp(H) + b fits grpo with R² >= {min_law_r2:g}", scope,
+                f"val accuracy: R² {_fmt(grpo.law_r2)} raw, {_fmt(grpo.law_r2_binned)} binned "
+                f"(a {_fmt(grpo.law_a)}, b {_fmt(grpo.law_b)}, ceiling {_fmt(grpo.ceiling)}); "
+                f"per-step reward: R² {_fmt(grpo.reward_law_r2)} raw, "
+                f"{_fmt(grpo.reward_law_r2_binned)} binned",
+                bool(grpo.law_r2 >= min_law_r2)))
+            targets.append(Target(
+                "first half of the evaluations predicts the second (grpo)", scope,
+                f"MAE {_fmt(grpo.half_fit_mae)}; ceiling from the first half "
+                f"{_fmt(grpo.half_fit_ceiling)} vs {_fmt(grpo.ceiling)} from all, final accuracy "
+                f"{_fmt(grpo.final_accuracy)}", None))
+        group = [r for r in rows if (r.variant, r.seed) == (variant, seed)]
+        for r in group:
+            targets.append(Target(
+                f"{r.method}: top-1% mean cov >= {min_concentration:g}x mean \\|cov\\| (median "
+                "over dumps)", scope,
+                f"{_fmt(r.concentration)}x (min {_fmt(r.concentration_min)}, "
+                f"{r.num_concentration_dumps} dumps)", bool(r.concentration >= min_concentration)))
+        names = {r.name: workdirs[r.name] for r in group}
+        for level in (None, *equal_reward_levels.get(variant, ())):
+            reached_level, reached = equal_reward(names, level=level, window=window)
+            targets.append(Target(
+                f"entropy at equal reward {reached_level:.3f} ({window}-step moving average)"
+                + (" (highest level all reach)" if level is None else ""), scope,
+                "; ".join(f"{_parse_name(n)[1]} " + (f"H {hit[1]:.3f} at step {hit[0]}" if hit
+                                                       else "never")
+                          for n, hit in reached.items()), None))
+    return targets
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+TABLE_COLUMNS = (
+    ("run", "name", None), ("H initial", "initial_entropy", ".4g"),
+    ("H final", "final_entropy", ".4g"), ("H lost", "entropy_lost", "%"),
+    ("reward final", "final_reward", ".4g"), ("accuracy final", "final_accuracy", ".4g"),
+    ("a", "law_a", ".4g"), ("b", "law_b", ".4g"), ("R²", "law_r2", ".4g"),
+    ("R² binned", "law_r2_binned", ".4g"), ("ceiling b-a", "ceiling", ".4g"),
+    ("half-fit MAE", "half_fit_mae", ".4g"), ("R² reward", "reward_law_r2", ".4g"),
+    ("R² reward binned", "reward_law_r2_binned", ".4g"),
+    ("touched/step", "tokens_touched", ".4g"), ("concentration", "concentration", ".4g"),
+)
+
+
+def format_cell(value: object, spec: str | None) -> str:
+    """A table cell: text as is, numbers with `spec` ("%": percent with one decimal), n/a for
+    nan."""
+    if spec is None:
+        return str(value)
+    if spec == "%":
+        return _fmt(100 * value, ".1f") + "%"
+    return _fmt(value, spec)
+
+
+def table_markdown(rows: Sequence[RunRow]) -> str:
+    """The sweep table, one row per run (module docstring: definitions)."""
+    lines = ["| " + " | ".join(title for title, _, _ in TABLE_COLUMNS) + " |",
+             "|" + "---|" * len(TABLE_COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(format_cell(getattr(row, field), spec)
+                                       for _, field, spec in TABLE_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def targets_markdown(targets: Sequence[Target]) -> str:
+    """The targets, one row per (target, variant, seed): PASS / MISS / (reported)."""
+    lines = ["| target | variant, seed | result | measured |", "|---|---|---|---|"]
+    for t in targets:
+        result = "reported" if t.passed is None else ("PASS" if t.passed else "MISS")
+        lines.append(f"| {t.target} | {t.scope} | {result} | {t.measured} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def plot_overview(runs: Mapping[str, Sequence[analysis.Record]], path: str, *,
+                  window: int = 10) -> str:
+    """Entropy (top row) and reward (bottom row, {window}-step moving average) against step, one
+    column per variant, one colour per method; the first seed solid, the others dashed."""
+    names = {name: _parse_name(name) for name in runs}
+    variants = [v for v in VARIANTS if any(p[0] == v for p in names.values())]
+    seeds = sorted({p[2] for p in names.values()})
+    fig, axes = plt.subplots(2, len(variants), figsize=(5.5 * len(variants), 6),
+                                      sharex=True, squeeze=False)
+    for column, variant in enumerate(variants):
+        ax_h, ax_r = axes[0, column], axes[1, column]
+        for name, (v, method, seed) in names.items():
+            if v != variant:
+                continue
+            steps, entropy, reward = analysis.series(
+                runs[name], [analysis.ENTROPY_KEY, analysis.REWARD_KEY])
+            style = {"color": f"C{METHODS.index(method)}",
+                     "linestyle": "-" if seed == seeds[0] else "--", "linewidth": 1.2,
+                     "label": f"{method} s{seed}"}
+            ax_h.plot(steps, entropy, **style)
+            ax_r.plot(steps, analysis.moving_average(reward, window), **style)
+        ax_h.set_title(f"{variant} variant")
+        ax_h.set_ylabel("entropy (token mean)")
+        ax_r.set_ylabel(f"reward ({window}-step mean)")
+        ax_r.set_xlabel("RL step")
+        ax_h.legend(fontsize="x-small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def make_figures(workdirs: Mapping[str, str], rows: Sequence[RunRow], figure_dir: str
+                 ) -> list[str]:
+    """The figures of covjax.analysis for each (variant, seed) plus the overview: entropy and
+    reward against step, the law fit, the covariance histogram of grpo and clip_cov (first and
+    last dump, Clip-Cov band and the KL-Cov threshold of that variant's config) and predicted vs
+    measured entropy change. Returns the paths written."""
+    from covjax.config import toy_config  # imports JAX: only the figures need it
+
+    os.makedirs(figure_dir, exist_ok=True)
+    records = {name: analysis.read_metrics(w) for name, w in workdirs.items()}
+    rows_by_name = {r.name: r for r in rows}
+    paths = [plot_overview(records, os.path.join(figure_dir, "overview.png"))]
+    for variant, seed in sorted({(r.variant, r.seed) for r in rows}):
+        group = [r.name for r in rows if (r.variant, r.seed) == (variant, seed)]
+        tag = f"{variant}_s{seed}"
+        paths.append(analysis.plot_entropy_and_reward(
+            {n: records[n] for n in group}, os.path.join(figure_dir, f"entropy_reward_{tag}.png")))
+        points = {}
+        for n in group:
+            _, entropy, accuracy = analysis.series(records[n], [analysis.ENTROPY_KEY,
+                                                                 ACCURACY_KEY])
+            row = rows_by_name[n]
+            fit = (analysis.LawFit(row.law_a, row.law_b, row.law_r2, entropy.size)
+                   if math.isfinite(row.law_a) else None)
+            points[n] = (entropy, accuracy, fit)
+        paths.append(analysis.plot_law_fit(points, os.path.join(figure_dir, f"law_fit_{tag}.png"),
+                                           accuracy_label=ACCURACY_KEY))
+        kl_cov = toy_config("kl_cov", "hard" if variant == "hard" else None).loss
+        clip_cov = toy_config("clip_cov").loss
+        for n in group:
+            if _parse_name(n)[1] not in ("grpo", "clip_cov"):
+                continue
+            dumps = analysis.cov_dump_paths(workdirs[n], records[n])
+            if not dumps:
+                continue
+            shown = sorted({min(dumps), max(dumps)})
+            paths.append(analysis.plot_cov_histogram(
+                {f"{n} step {s}": analysis.load_cov(dumps[s]) for s in shown},
+                os.path.join(figure_dir, f"cov_hist_{n}.png"), clip_cov_lb=clip_cov.clip_cov_lb,
+                clip_cov_ub=clip_cov.clip_cov_ub, kl_cov_ratio=kl_cov.kl_cov_ratio))
+        checks = {}
+        for n in group:
+            _, *check = analysis.series(records[n], [analysis.CHECK_NATURAL_KEY,
+                                                      analysis.CHECK_VANILLA_KEY,
+                                                      analysis.CHECK_MEASURED_KEY])
+            if check[0].size:
+                checks[n] = tuple(check)
+        if checks:
+            paths.append(analysis.plot_entropy_check(
+                checks, os.path.join(figure_dir, f"entropy_check_{tag}.png")))
+    return paths
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def report(workdirs: Mapping[str, str], report_dir: str, *, final_window: int = 20,
+           concentration_min_step: int = 10,
+           equal_reward_levels: Mapping[str, Sequence[float]] | None = None,
+           figures: bool = True) -> dict[str, object]:
+    """Summarises every run, judges the targets and writes into `report_dir`: table.md,
+    targets.md, rows.json (the table's numbers unrounded) and figures/*.png. Returns {"rows",
+    "targets", "figures", "table", "targets_md"}."""
+    if not workdirs:
+        raise ValueError("workdirs is empty: no runs to report")
+    rows = [summarize(name, w, final_window=final_window,
+                      concentration_min_step=concentration_min_step)
+            for name, w in workdirs.items()]
+    targets = evaluate_targets(rows, workdirs, equal_reward_levels=equal_reward_levels)
+    os.makedirs(report_dir, exist_ok=True)
+    table, targets_md = table_markdown(rows), targets_markdown(targets)
+    with open(os.path.join(report_dir, "table.md"), "w", encoding="utf-8") as f:
+        f.write(table)
+    with open(os.path.join(report_dir, "targets.md"), "w", encoding="utf-8") as f:
+        f.write(targets_md)
+    with open(os.path.join(report_dir, "rows.json"), "w", encoding="utf-8") as f:
+        json.dump([{**dataclasses.asdict(r), "entropy_lost": r.entropy_lost,
+                    "workdir": workdirs[r.name]} for r in rows], f, indent=1)
+    paths = make_figures(workdirs, rows, os.path.join(report_dir, "figures")) if figures else []
+    return {"rows": rows, "targets": targets, "figures": paths, "table": table,
+            "targets_md": targets_md}
+
+
+def sweep_workdirs(out_dir: str, *, seeds: Sequence[int], variants: Sequence[str] = VARIANTS,
+                   methods: Sequence[str] = METHODS) -> dict[str, str]:
+    """{run name: workdir} of the runs of a sweep folder that exist (same order as run_sweep)."""
+    workdirs = {}
+    for seed in seeds:
+        for variant in variants:
+            for method in methods:
+                name = run_name(variant, method, seed)
+                workdir = os.path.abspath(os.path.join(out_dir, name))
+                if os.path.isfile(os.path.join(workdir, analysis.METRICS_FILE)):
+                    workdirs[name] = workdir
+    if not workdirs:
+        raise FileNotFoundError(f"no run of seeds {list(seeds)}, variants {list(variants)}, "
+                                f"methods {list(methods)} in {out_dir!r}")
+    return workdirs
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _levels(text: str) -> dict[str, list[float]]:
+    """"easy=0.9,hard=0.3:0.5" -> {"easy": [0.9], "hard": [0.3, 0.5]}."""
+    levels = {}
+    for item in filter(None, text.split(",")):
+        variant, _, values = item.partition("=")
+        if variant not in VARIANTS or not values:
+            raise ValueError(f"--equal_reward item {item!r} is not <variant>=<level>[:<level>]")
+        levels[variant] = [float(v) for v in values.split(":")]
+    return levels
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m covjax.toy_sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("run", "report"))
+    parser.add_argument("--out", required=True, help="Sweep folder (one workdir per run).")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--smoke", action="store_true", help="The configs' :smoke setting.")
+    parser.add_argument("--override", action="append", default=[],
+                        help="Config override key=value for every run (repeatable).")
+    parser.add_argument("--report_dir", default=None, help="Report folder (default OUT/report).")
+    parser.add_argument("--final_window", type=int, default=20)
+    parser.add_argument("--concentration_min_step", type=int, default=10)
+    parser.add_argument("--equal_reward", default="",
+                        help="Extra equal-reward levels, e.g. easy=0.9,hard=0.3:0.5.")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    variants, methods = args.variants.split(","), args.methods.split(",")
+    if args.command == "run":
+        run_sweep(args.out, steps=args.steps, seeds=seeds, variants=variants, methods=methods,
+                  smoke=args.smoke, overrides=args.override,
+                  log=lambda line: print(line, flush=True))
+        return
+    result = report(sweep_workdirs(args.out, seeds=seeds, variants=variants, methods=methods),
+                    args.report_dir or os.path.join(args.out, "report"),
+                    final_window=args.final_window,
+                    concentration_min_step=args.concentration_min_step,
+                    equal_reward_levels=_levels(args.equal_reward))
+    print(result["table"])
+    print(result["targets_md"])
+
+
+if __name__ == "__main__":
+    main()
