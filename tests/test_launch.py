@@ -46,6 +46,23 @@ SETTINGS = {
     "BUCKET": "gs://bkt",
 }
 WHERE = ["--project=proj-1", "--zone=us-east5-a", "--quiet"]
+GCSFUSE_INSTALL = (
+    "--command=command -v gcsfuse >/dev/null || { echo 'deb"
+    " [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt"
+    " gcsfuse-'$(lsb_release -c -s)' main' | sudo tee /etc/apt/sources.list.d/gcsfuse.list"
+    " >/dev/null && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg"
+    " | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null"
+    " && sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse; }"
+)
+
+
+def _mount(mount_point: str) -> str:
+    """run.sh's idempotent gcsfuse mount of gs://bkt at mount_point (as the workers read it)."""
+    return (
+        f"--command=mountpoint -q {mount_point} || {{ {{ mkdir -p {mount_point} 2>/dev/null"
+        f" || {{ sudo mkdir -p {mount_point} && sudo chown $(id -u):$(id -g) {mount_point}; }}; }}"
+        f" && gcsfuse --implicit-dirs --rename-dir-limit=200000 bkt {mount_point}; }}"
+    )
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -89,7 +106,8 @@ def _expected_tpu_job(archive: str) -> list[list[str]]:
     )
     train = (
         "--command=set -o pipefail && mkdir -p $HOME/covjax-logs && cd $HOME/covjax"
-        " && python3 -m covjax.train --config=configs/default.py --workdir=gs://bkt/default"
+        " && python3 -m covjax.train --config=configs/default.py"
+        " --workdir=$HOME/covjax-bucket/default"
         " --config.train.steps=3 2>&1 | tee $HOME/covjax-logs/default.log"
     )
     return [
@@ -98,6 +116,8 @@ def _expected_tpu_job(archive: str) -> list[list[str]]:
         ["gcloud", "compute", "tpus", "tpu-vm", "scp", archive, "tpu-a:covjax.tar.gz",
          "--worker=all", *WHERE],
         [*ssh, install, *WHERE],
+        [*ssh, GCSFUSE_INSTALL, *WHERE],
+        [*ssh, _mount("$HOME/covjax-bucket"), *WHERE],
         [*ssh, train, "--ssh-flag=-oServerAliveInterval=60", *WHERE],
         [*ssh, "--command=cat $HOME/covjax-logs/default.log",
          "--output-directory=logs/default", *WHERE],
@@ -135,7 +155,7 @@ def test_tpu_dry_run_prints_the_commands_and_runs_none(tmp_path):
                    f"--output={archive}", "HEAD"]  # fmt: skip
     mkdir = ["mkdir", "-p", "logs/default/workdir"]
     expected = _expected_tpu_job(archive)
-    assert printed == expected[:1] + [git_archive] + expected[1:4] + [mkdir] + expected[4:]
+    assert printed == expected[:1] + [git_archive] + expected[1:6] + [mkdir] + expected[6:]
     assert _calls(tmp_path) == []
     assert not (tmp_path / "logs").exists() and not Path(archive).exists()
 
@@ -175,6 +195,7 @@ def test_tpu_queued_spot_git_install_and_staging(tmp_path):
          "https://example.com/covjax.git $HOME/covjax && git -C $HOME/covjax checkout --quiet v1"
          " && python3 -m pip install --quiet --upgrade pip"
          ' && python3 -m pip install --quiet "$HOME/covjax[tpu]"', *WHERE],
+        [*ssh, GCSFUSE_INSTALL, *WHERE],
         [*ssh, "--command=mkdir -p $HOME/stage && gcloud storage cp --recursive "
          "gs://bkt/models/Qwen2.5-7B gs://bkt/data/dapo.parquet $HOME/stage/", *WHERE],
         [*qr, "delete", "tpu-a", "--force", *WHERE],
@@ -191,10 +212,50 @@ def test_tpu_failed_run_fetches_logs_and_keeps_the_vm(tmp_path):
     assert not any("delete" in a for a in argv)
 
 
+def test_tpu_run_mounts_the_bucket_on_all_workers_and_trains_in_the_mount(tmp_path):
+    """The trainer writes plain files: run.sh mounts gs://BUCKET with gcsfuse on every worker
+    first, and --workdir is MOUNT_POINT/RUN_NAME; the mount command, run by bash with stand-in
+    gcsfuse/mountpoint, mounts once and is a no-op when the mount is there."""
+    env = _env(tmp_path, **SETTINGS)
+    args = [f"--config={CONFIG}", "--mount-point=/mnt/covjax/", "--run-name=r1"]
+    result = _run([str(TPU / "run.sh"), *args, "--", "--config.train.steps=3"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    mount, train = [c["argv"] for c in _calls(tmp_path)]
+    ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "tpu-a", "--worker=all"]
+    assert mount == [*ssh, _mount("/mnt/covjax"), *WHERE]
+    assert train[: len(ssh)] == ssh
+    words = shlex.split(train[len(ssh)].removeprefix("--command="))
+    assert [w for w in words if w.startswith("--workdir=")] == ["--workdir=/mnt/covjax/r1"]
+    assert words[words.index("python3") :][:5] == [
+        "python3", "-m", "covjax.train", f"--config={CONFIG}", "--workdir=/mnt/covjax/r1"
+    ]  # fmt: skip
+
+    # The worker side of the mount step: the default mount point under $HOME, created by mkdir.
+    bin_dir = tmp_path / "worker-bin"
+    bin_dir.mkdir()
+    for name, code in (("gcsfuse", 0), ("mountpoint", "${MOUNTED:-1}")):
+        log = f'echo "{name} $*" >>"$HOME/worker.log"'
+        (bin_dir / name).write_text(f"#!/bin/sh\n{log}\nexit {code}\n")
+        (bin_dir / name).chmod(0o755)
+    worker_env = {**env, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    script = _mount("$HOME/covjax-bucket").removeprefix("--command=")
+    for mounted in ("1", "0"):  # not mounted yet, then mounted: gcsfuse runs once
+        done = subprocess.run(["bash", "-c", script], env={**worker_env, "MOUNTED": mounted},
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    mp = tmp_path / "covjax-bucket"
+    assert mp.is_dir()
+    assert (tmp_path / "worker.log").read_text().splitlines() == [
+        f"mountpoint -q {mp}", f"gcsfuse --implicit-dirs --rename-dir-limit=200000 bkt {mp}",
+        f"mountpoint -q {mp}",
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "script, args, message",
     [
         ("run.sh", [f"--config={CONFIG}"], "missing --bucket=... (or environment variable BUCKET)"),
+        ("run.sh", ["--bucket=b", f"--config={CONFIG}", "--mount-point=x"], "--mount-point=x: "),
         ("create.sh", ["--accelerator-type=v9x-8"], "missing --runtime-version=..."),
         ("run.sh", ["--bucket=b", "--config=configs/nope.py"], "--config=configs/nope.py: no file"),
         ("delete.sh", ["--zones=x"], "unknown argument '--zones=x'"),

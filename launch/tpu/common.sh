@@ -31,6 +31,9 @@ TRAIN_FLAGS=()
 REMOTE_REPO='$HOME/covjax'
 # shellcheck disable=SC2016
 REMOTE_LOGS='$HOME/covjax-logs'
+# Where run.sh mounts gs://BUCKET (gcsfuse) on every worker; the workdir is MOUNT_POINT/RUN_NAME.
+# shellcheck disable=SC2016
+MOUNT_POINT=${MOUNT_POINT:-'$HOME/covjax-bucket'}
 
 die() {
   printf '%s: error: %s\n' "$(basename "$0")" "$*" >&2
@@ -49,8 +52,11 @@ Settings (flag or environment variable):
   --accelerator-type=T    ACCELERATOR_TYPE  e.g. v5p-64 (32 chips), v5litepod-16, v4-32
   --runtime-version=V     RUNTIME_VERSION   TPU software version (default from the accelerator)
   --bucket=NAME           BUCKET            gs:// bucket for the workdir (checkpoints, metrics)
+  --mount-point=DIR       MOUNT_POINT       where every worker mounts the bucket with gcsfuse
+                                            (absolute or \$HOME/...; default \$HOME/covjax-bucket)
   --config=FILE           CONFIG            config file relative to the repository root
-  --run-name=NAME         RUN_NAME          workdir gs://BUCKET/RUN_NAME (default: config's name)
+  --run-name=NAME         RUN_NAME          workdir MOUNT_POINT/RUN_NAME on the workers, i.e.
+                                            gs://BUCKET/RUN_NAME (default: config's name)
   --git-url=URL           GIT_URL           install from this git repository instead of HEAD here
   --git-ref=REF           GIT_REF           branch, tag or commit of --git-url (default main)
   --stage=URI[,URI...]    STAGE             gs:// objects copied to ~/stage/ on every worker
@@ -72,6 +78,7 @@ parse_args() {
       --accelerator-type=*) ACCELERATOR_TYPE=${1#*=} ;;
       --runtime-version=*) RUNTIME_VERSION=${1#*=} ;;
       --bucket=*) BUCKET=${1#*=} ;;
+      --mount-point=*) MOUNT_POINT=${1#*=} ;;
       --config=*) CONFIG=${1#*=} ;;
       --run-name=*) RUN_NAME=${1#*=} ;;
       --git-url=*) GIT_URL=${1#*=} ;;
@@ -97,6 +104,11 @@ parse_args() {
   done
   BUCKET=${BUCKET#gs://}
   BUCKET=${BUCKET%/}
+  MOUNT_POINT=${MOUNT_POINT%/}
+  # Inserted unquoted into the workers' commands (so that $HOME expands there): a plain path only.
+  if [[ ! $MOUNT_POINT =~ ^(/|\$HOME/)[A-Za-z0-9_./+-]+$ ]]; then
+    die "--mount-point=$MOUNT_POINT: give an absolute path or \$HOME/... (letters, digits, _./+-)"
+  fi
   if [[ -z $RUN_NAME && -n $CONFIG ]]; then
     RUN_NAME=$(basename "${CONFIG%%:*}" .py)
   fi
@@ -160,6 +172,18 @@ tpu_ssh() {
   local command=$1
   shift
   gcloud_tpus tpu-vm ssh "$TPU_NAME" --worker=all --command="$command" "$@"
+}
+
+# mount_bucket : on every worker, mount gs://BUCKET at MOUNT_POINT with gcsfuse unless something
+# is mounted there already (idempotent: a rerun, or a worker that kept its mount, is left as is).
+# --implicit-dirs shows prefixes written by other tools (gcloud storage, other workers) as
+# directories; --rename-dir-limit lets orbax rename its temporary step directory into place
+# (gcsfuse refuses directory renames on flat buckets by default).
+mount_bucket() {
+  local mp=$MOUNT_POINT
+  tpu_ssh "mountpoint -q $mp || { { mkdir -p $mp 2>/dev/null \
+|| { sudo mkdir -p $mp && sudo chown \$(id -u):\$(id -g) $mp; }; } \
+&& gcsfuse --implicit-dirs --rename-dir-limit=200000 $(remote_quote "$BUCKET") $mp; }"
 }
 
 # The arguments quoted for the workers' shell (bash on the TPU VM images), space-separated.

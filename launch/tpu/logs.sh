@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetch each worker's log of RUN_NAME into LOGS_DIR/RUN_NAME/WORKER.log (an scp from a TPU VM
 # reaches one worker only, so the logs come back through one ssh to all workers), then the
-# workdir's metrics, config and TensorBoard events from gs://BUCKET/RUN_NAME (not the checkpoints).
+# workdir's metrics, config and TensorBoard events from gs://BUCKET/RUN_NAME (not the checkpoints):
+# the objects the workers wrote through their gcsfuse mount at MOUNT_POINT/RUN_NAME.
 set -euo pipefail
 SCRIPT_HELP="Fetch the logs of RUN_NAME (or CONFIG's name) from TPU_NAME and gs://BUCKET
 (needs PROJECT, ZONE, TPU_NAME, BUCKET, RUN_NAME or CONFIG)."
