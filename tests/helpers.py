@@ -70,3 +70,33 @@ def write_jsonl(path, rows):
     """Writes `rows` as JSON lines to `path` and returns the path."""
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def ragged_update_batch(model, *, rows: int, prompt_len: int, response_len: int, lengths,
+                        seed: int) -> dict:
+    """A train-step mini-batch of random sequences with ragged responses of `lengths`:
+    the policy's own log-probs plus N(0, 0.3) noise as old_logp (off-policy), per-row N(0, 1.5)
+    advantages, in the layout covjax.train_step reads."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    B, P, R = rows, prompt_len, response_len
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, model.config.vocab_size, (B, P + R)).astype(np.int32)
+    mask = np.arange(R)[None, :] < np.asarray(lengths)[:, None]
+    adv = rng.normal(0, 1.5, B).astype(np.float32)
+    logits = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(tokens[:, :-1])))[:, P - 1 :]
+    logp = np.take_along_axis(
+        np.asarray(jax.nn.log_softmax(logits, -1)), tokens[:, P:, None], -1
+    )[..., 0]
+    return {
+        "input_ids": tokens[:, :-1],
+        "positions": np.broadcast_to(np.arange(P + R - 1, dtype=np.int32), (B, P + R - 1)).copy(),
+        "attention_mask": np.ones((B, P + R - 1), bool),
+        "targets": tokens[:, P:],
+        "mask": mask,
+        "advantages": np.where(mask, adv[:, None], 0.0).astype(np.float32),
+        "old_logp": (logp + rng.normal(0, 0.3, logp.shape)).astype(np.float32),
+    }

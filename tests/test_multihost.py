@@ -29,6 +29,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import ragged_update_batch
 from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.numpy import load_file
 
@@ -36,6 +37,7 @@ from covjax import config as config_lib
 from covjax import sharding, train_step, trainer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+
 B, P, R = 8, 2, 5  # rows, prompt length, response length
 LR = 0.1
 SMOKE = config_lib.toy_config("clip_cov", "smoke")
@@ -56,25 +58,10 @@ def model():
 
 @pytest.fixture(scope="module")
 def batch(model):
-    """Random sequences with ragged responses; old_logp = the policy's logp + noise."""
-    rng = np.random.default_rng(1)
-    tokens = rng.integers(4, model.config.vocab_size, (B, P + R)).astype(np.int32)
-    lengths = np.array([5, 4, 5, 2, 5, 3, 1, 5])
-    mask = np.arange(R)[None, :] < lengths[:, None]
-    adv = rng.normal(0, 1.5, B).astype(np.float32)
-    logits = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(tokens[:, :-1])))[:, P - 1:]
-    logp = np.take_along_axis(
-        np.asarray(jax.nn.log_softmax(logits, -1)), tokens[:, P:, None], -1
-    )[..., 0]
-    return {
-        "input_ids": tokens[:, :-1],
-        "positions": np.broadcast_to(np.arange(P + R - 1, dtype=np.int32), (B, P + R - 1)).copy(),
-        "attention_mask": np.ones((B, P + R - 1), bool),
-        "targets": tokens[:, P:],
-        "mask": mask,
-        "advantages": np.where(mask, adv[:, None], 0.0).astype(np.float32),
-        "old_logp": (logp + rng.normal(0, 0.3, logp.shape)).astype(np.float32),
-    }
+    """Random sequences with ragged responses; old_logp = the policy's logp + noise (off-policy)."""
+    return ragged_update_batch(
+        model, rows=B, prompt_len=P, response_len=R, lengths=[5, 4, 5, 2, 5, 3, 1, 5], seed=1
+    )
 
 
 CONFIGS = {

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import ragged_update_batch
 
 from covjax import sharding, train_step
 from covjax.model import Transformer
@@ -26,25 +27,9 @@ def model():
 @pytest.fixture(scope="module")
 def batch(model):
     """Random sequences with ragged responses; old_logp = the policy's logp + noise (off-policy)."""
-    rng = np.random.default_rng(0)
-    vocab = model.config.vocab_size
-    tokens = rng.integers(4, vocab, (B, P + R)).astype(np.int32)
-    lengths = np.array([5, 5, 4, 3, 5, 2, 5, 1])
-    mask = np.arange(R)[None, :] < lengths[:, None]
-    adv = rng.normal(0, 1.5, B).astype(np.float32)
-    logits = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(tokens[:, :-1])))[:, P - 1 :]
-    logp = np.take_along_axis(
-        np.asarray(jax.nn.log_softmax(logits, -1)), tokens[:, P:, None], -1
-    )[..., 0]
-    return {
-        "input_ids": tokens[:, :-1],
-        "positions": np.broadcast_to(np.arange(P + R - 1, dtype=np.int32), (B, P + R - 1)).copy(),
-        "attention_mask": np.ones((B, P + R - 1), bool),
-        "targets": tokens[:, P:],
-        "mask": mask,
-        "advantages": np.where(mask, adv[:, None], 0.0).astype(np.float32),
-        "old_logp": (logp + rng.normal(0, 0.3, logp.shape)).astype(np.float32),
-    }
+    return ragged_update_batch(
+        model, rows=B, prompt_len=P, response_len=R, lengths=[5, 5, 4, 3, 5, 2, 5, 1], seed=0
+    )
 
 
 _RESULTS = {}

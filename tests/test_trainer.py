@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import make_tokenizer, write_jsonl
 from safetensors.numpy import load_file
-from test_data import make_tokenizer, write_jsonl
 
 from covjax import config as config_lib
 from covjax import trainer
