@@ -32,17 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from shapes import QWEN2_5_0_5B
 
 from covjax import advantages, losses, sharding, train_step
 from covjax.model import ModelConfig, Transformer
 from covjax.sampler import Sampler
 
-QWEN2_5_0_5B = dict(
-    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-    num_attention_heads=14, num_key_value_heads=2, head_dim=64,
-)
-TINY = dict(
-    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+TINY = dict(  # the same family, shrunk for a CPU smoke run
+    QWEN2_5_0_5B, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
 )
 
@@ -69,10 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_model(args) -> Transformer:
     shape = TINY if args.tiny else QWEN2_5_0_5B
     config = ModelConfig(
-        architecture="qwen2", rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
-        attention_bias=True, max_position_embeddings=args.prompt_len + args.max_new_tokens,
-        param_dtype="float32", compute_dtype="float32" if args.tiny else "bfloat16",
-        remat="none" if args.tiny else "layer", scan_layers=True, **shape,
+        architecture="qwen2", attention_bias=True, param_dtype="float32",
+        compute_dtype="float32" if args.tiny else "bfloat16",
+        remat="none" if args.tiny else "layer", scan_layers=True,
+        **dict(shape, max_position_embeddings=args.prompt_len + args.max_new_tokens),
     )
     return Transformer(config, rngs=nnx.Rngs(args.seed))
 

@@ -43,19 +43,8 @@ import time
 if importlib.util.find_spec("covjax") is None:  # run from a checkout: import the repo's covjax
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-QWEN2_5_0_5B = dict(
-    vocab_size=151936,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    head_dim=64,
-    rope_theta=1_000_000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-    max_position_embeddings=32768,
-)
+from shapes import QWEN2_5_0_5B  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 SHAPES = {
     "0.5b": QWEN2_5_0_5B,
     "tiny": dict(  # the same model family, shrunk for a CPU smoke run
