@@ -132,6 +132,7 @@ def main() -> None:
         keys = jax.random.normal(jax.random.key(2), (size,))
         primitives = {
             f"lax.top_k(k={k_max})": jax.jit(lambda x: jax.lax.top_k(x, k_max)[1]),
+            "covjax two-stage top-k": jax.jit(lambda x: losses._top_k(x, k_max)[1]),
             "jnp.sort": jax.jit(jnp.sort),
             "jnp.argsort": jax.jit(jnp.argsort),
         }

@@ -559,6 +559,36 @@ def test_kl_cov_ties_broken_by_position():
     assert np.flatnonzero(np.asarray(sel)).tolist() == list(range(1, 18))
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kl_cov_two_stage_top_k_matches_numpy_on_a_large_tied_batch(seed):
+    """16 x 1024 tokens with k = 163 take the blocked two-stage top-k; logp on a coarse grid and
+    shared advantages make many equal cov values, so ties must still go to the lower position."""
+    rng = np.random.default_rng(seed)
+    logp = -rng.integers(0, 4, (16, 1024)).astype(np.float32)
+    adv = np.repeat(rng.choice([-1.0, 1.0], (16, 1)), 1024, axis=1).astype(np.float32)
+    mask = np.arange(1024)[None, :] < rng.integers(100, 1025, (16, 1))
+    assert losses._selection_block(mask.size, 164) > 1
+    sel = losses.select_tokens(logp, logp, adv, mask, method="kl_cov", kl_cov_ratio=0.01)
+    np.testing.assert_array_equal(sel, np_kl_cov_selection(logp, adv, mask, 0.01))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_two_stage_top_k_equals_a_stable_sort_with_ties_and_ineligible(seed):
+    """The blocked top-k against NumPy's stable argsort: a few large values late in the array,
+    many equal small ones earlier (so the chosen blocks must be read in index order), -inf
+    entries, and a size that is not a multiple of the block."""
+    rng = np.random.default_rng(seed)
+    flat = rng.integers(0, 3, 5000).astype(np.float32)
+    flat[rng.choice(np.arange(4000, 5000), 20, replace=False)] = 9.0
+    flat[rng.random(5000) < 0.3] = -np.inf
+    k = 50
+    assert losses._selection_block(flat.size, k) > 1
+    score, index = losses._top_k(jnp.asarray(flat), k)
+    order = np.argsort(-flat, kind="stable")[:k]
+    np.testing.assert_array_equal(index, order)
+    np.testing.assert_array_equal(score, flat[order])
+
+
 def test_same_key_same_choice_other_keys_differ():
     logp, old, adv, mask = make_batch(7)
     select = jax.jit(
