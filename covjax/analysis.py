@@ -1,8 +1,9 @@
 """Entropy dynamics analysis: the entropy-performance law, covariance concentration, plots.
 
-Reads what the trainer writes into a workdir (CONTRACTS.md, "Trainer / metrics"): metrics.jsonl
+Reads what the trainer writes into a workdir (docs/metrics.md): metrics.jsonl
 (one JSON object per step) and cov/step_{step:06d}.npy (the per-token covariances, Eq. 10, of the
-valid tokens of the first mini-batch). NumPy and matplotlib only; no JAX, so it runs anywhere.
+valid tokens of the step's batch, each within its mini-batch: the scope the selection sees).
+NumPy and matplotlib only; no JAX, so it runs anywhere.
 
 The entropy-performance law (ALGORITHMS.md section 1): R = -a * exp(H) + b, with the predicted
 ceiling R(H=0) = b - a. Given exp(H) the model is linear in (a, b), so ordinary least squares on

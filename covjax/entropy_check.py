@@ -86,7 +86,7 @@ def measured_entropy_change(entropy_before: Array, entropy_after: Array, mask: A
 
 def entropy_check_metrics(logp: Array, advantages: Array, mask: Array, entropy_before: Array,
                           entropy_after: Array, *, eta: float | Array) -> dict[str, Array]:
-    """The three entropy_check/* metrics of CONTRACTS.md for one trained batch: logp and
+    """The three entropy_check/* metrics (docs/metrics.md) for one trained batch: logp and
     entropy_before from the policy before the update, entropy_after recomputed on the same batch
     after it, eta the learning rate of the update."""
     predicted = predicted_entropy_change(logp, advantages, mask, eta=eta)

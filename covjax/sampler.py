@@ -213,8 +213,9 @@ class Sampler:
     """Generates rollouts from the live parameters of a `covjax.model.Transformer`.
 
     Args:
-      model: the policy (an nnx module with `config` and the KV-cache call of CONTRACTS.md). Its
-        state is read on every `generate`, so in-place updates by the trainer are always seen.
+      model: the policy (an nnx module with `config` and the KV-cache call of
+        covjax.model.Transformer). Its state is read on every `generate`, so in-place updates by
+        the trainer are always seen.
       mesh: optional device mesh with axes ("data", "fsdp", ...): the batch is sharded over
         ("data", "fsdp") and the parameters stay where they are.
       compute_dtype: dtype of the sampling weights, activations and KV cache (default: the model

@@ -12,7 +12,7 @@ checkpoint. `report` reads the metrics back (covjax.analysis) into one table row
 the issue's targets and writes table.md, targets.md, rows.json and figures/ into OUT/report (or
 --report_dir). notebooks/entropy_mechanism.ipynb calls the same functions.
 
-Definitions used by the table and the targets (TOY.md; metric names of CONTRACTS.md):
+Definitions used by the table and the targets (metric names: docs/metrics.md):
 - initial entropy = entropy/token_mean at step 0 (the warm-started policy);
 - final entropy, final reward = means of entropy/token_mean and reward/mean over the last
   `final_window` RL steps (one step's reward of 64 x 8 samples is noisy); final accuracy =
@@ -25,8 +25,8 @@ Definitions used by the table and the targets (TOY.md; metric names of CONTRACTS
   penalised in the step, all mini-batches);
 - concentration = the median over the cov dumps from step `concentration_min_step` on of (mean
   cov of the top 1% tokens) / (mean |cov| of all tokens), steps where all rewards agreed left out
-  (and dumps whose covariances are all 0: without dynamic sampling the first mini-batch may hold
-  no group with differing rewards).
+  (and dumps whose covariances are all 0: without dynamic sampling a step may hold no group
+  with differing rewards).
 """
 
 from __future__ import annotations

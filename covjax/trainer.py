@@ -339,7 +339,33 @@ def collect_rollouts(task, sampler: Sampler, config, rng: jax.Array) -> StepData
         data = _assemble_batch([first], num_prompts * r.n, r.n, config.advantage.estimator,
                                metrics)
         return dataclasses.replace(data, trainable=False)
-    return _assemble_batch(kept, num_prompts * r.n, r.n, config.advantage.estimator, metrics)
+    data = _assemble_batch(kept, num_prompts * r.n, r.n, config.advantage.estimator, metrics)
+    if num_kept == num_prompts:
+        return data
+    order = minibatch_group_order(num_kept, num_prompts, config.train.mini_batch_prompts)
+    rows = (order[:, None] * r.n + np.arange(r.n)).reshape(-1)
+    arrays = {k: v[rows] for k, v in data.arrays.items()}
+    return dataclasses.replace(data, arrays=arrays, advantages=data.advantages[rows])
+
+
+def minibatch_group_order(num_kept: int, num_groups: int, groups_per_minibatch: int) -> np.ndarray:
+    """Where each group goes when dynamic sampling came up short: ``order[slot]`` is the group
+    (kept ones first, then padding) placed in group slot ``slot`` of the step's batch.
+
+    The kept groups are dealt round-robin over the mini-batches (kept group g to mini-batch
+    g mod M, M = num_groups / groups_per_minibatch), so a short step still makes
+    min(num_kept, M) optimizer updates, as a full one makes M (verl keeps sampling until the batch
+    is full, so its number of updates per step never drops). Packed into the first mini-batch,
+    a step with few kept groups would make one on-policy update and KL-Cov's penalty, whose
+    gradient is zero on-policy (ALGORITHMS.md section 3), would never act.
+    """
+    num_minibatches = num_groups // groups_per_minibatch
+    kept = np.arange(num_kept)
+    slots = (kept % num_minibatches) * groups_per_minibatch + kept // num_minibatches
+    order = np.full(num_groups, -1)
+    order[slots] = kept
+    order[order < 0] = np.arange(num_kept, num_groups)
+    return order
 
 
 def _assemble_batch(kept, num_rows: int, n: int, estimator: str, metrics) -> StepData:
@@ -780,7 +806,7 @@ def _learn(step, step_rng, data: StepData, state, ref_params, step_fns, cfg, con
     dump = config.train.cov_dump_interval and step % config.train.cov_dump_interval == 0
     if dump and jax.process_index() == 0:
         cov_dir.mkdir(exist_ok=True)
-        np.save(cov_dir / f"step_{step:06d}.npy", covs[0])
+        np.save(cov_dir / f"step_{step:06d}.npy", all_cov)
 
     updates = []
     for index, start in enumerate(range(0, mask.shape[0], mini_rows)):

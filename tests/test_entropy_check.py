@@ -97,7 +97,7 @@ def test_sampled_estimator_is_masked_covariance():
 
 
 def test_measured_change_and_metrics():
-    """Token mean of H_after - H_before over the mask; the metric names of CONTRACTS.md."""
+    """Token mean of H_after - H_before over the mask; the metric names of docs/metrics.md."""
     rng = np.random.default_rng(3)
     before, after = rng.random((2, 4, 6))
     mask = rng.random((4, 6)) < 0.5

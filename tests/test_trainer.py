@@ -25,7 +25,7 @@ from covjax.sampler import Rollout
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SMOKE = "--config=configs/default.py:smoke"
-TRAIN_KEYS = [  # CONTRACTS.md metric names logged on every step
+TRAIN_KEYS = [  # docs/metrics.md names logged on every step
     "reward/mean", "accuracy/mean", "entropy/token_mean", "entropy/seq_mean", "cov/mean",
     "cov/p99", "cov/selected_mean", "cov/frac_selected", "cov/num_selected", "ppo/clip_frac",
     "ppo/kl", "response_length/mean", "response_length/max", "response_length/frac_truncated",
@@ -198,23 +198,44 @@ def _collect(rounds, dynamic=True, max_rounds=3):
     config = config_lib.toy_config("clip_cov")
     config.unlock()
     config.train.prompts_per_step, config.rollout.n = 4, 2
+    config.train.mini_batch_prompts = 2  # 2 mini-batches of 2 groups
     config.advantage.dynamic_sampling, config.rollout.max_gen_rounds = dynamic, max_rounds
     task = _FakeTask(rounds)
     return task, trainer.collect_rollouts(task, _FakeSampler(), config, jax.random.key(0))
 
 
 def test_dynamic_sampling_refills_then_pads():
-    # round 0: groups 1 and 3 informative; round 1: group 0; round 2: none -> one padded group
+    # round 0: groups 1 and 3 informative; round 1: group 0; round 2: none -> one padded group.
+    # Kept groups (prompts 1, 3, 10) are dealt over the 2 mini-batches: [1, 10 | 3, padding]
     task, data = _collect([[0, 0, 1, 0, 1, 1, 0, 1], [1, 0, 1, 1, 0, 0, 0, 0],
                            [1, 1, 1, 1, 0, 0, 0, 0]])
     assert task.calls == 3 and data.trainable
-    np.testing.assert_array_equal(data.arrays["tokens"][:6, 1], [1, 1, 3, 3, 10, 10])
+    np.testing.assert_array_equal(data.arrays["tokens"][:6, 1], [1, 1, 10, 10, 3, 3])
     assert not data.arrays["response_mask"][6:].any()  # the padded group: no tokens
-    np.testing.assert_allclose(data.advantages, [0.707, -0.707, -0.707, 0.707, 0.707, -0.707,
+    np.testing.assert_allclose(data.advantages, [0.707, -0.707, 0.707, -0.707, -0.707, 0.707,
                                                  0, 0], atol=1e-3)  # GRPO, std with ddof=1
     m = data.metrics
     assert m["reward/mean"] == 0.5 and m["filter/kept_group_frac"] == pytest.approx(3 / 12)
     assert m["filter/gen_rounds"] == 3 and m["filter/padded_group_frac"] == 0.25
+
+
+@pytest.mark.parametrize(
+    "num_kept, num_groups, per_minibatch, expected",
+    [
+        (5, 8, 2, [0, 4, 1, 5, 2, 6, 3, 7]),  # 4 mini-batches, each gets a kept group
+        (2, 8, 2, [0, 2, 1, 3, 4, 5, 6, 7]),  # 2 kept: mini-batches 0 and 1, one each
+        (3, 4, 4, [0, 1, 2, 3]),  # one mini-batch: order unchanged
+    ],
+)
+def test_minibatch_group_order_deals_kept_groups_round_robin(
+    num_kept, num_groups, per_minibatch, expected
+):
+    order = trainer.minibatch_group_order(num_kept, num_groups, per_minibatch)
+    np.testing.assert_array_equal(order, expected)
+    per_minibatch_kept = (order < num_kept).reshape(-1, per_minibatch).sum(1)
+    num_minibatches = num_groups // per_minibatch
+    assert (per_minibatch_kept >= 1).sum() == min(num_kept, num_minibatches)
+    assert per_minibatch_kept.max() - per_minibatch_kept.min() <= 1
 
 
 def test_dynamic_sampling_stops_when_full_and_measures_saturated_steps():
