@@ -85,6 +85,37 @@ def test_score_rollout_reads_each_row_up_to_its_length():
     np.testing.assert_array_equal(toy.score_rollout(rollout, [12], EASY), [1.0, 0.0])
 
 
+def _reference_score(response, target, variant):
+    """The rule written out per response: 6 digit tokens of the variant, then EOS, summing to S."""
+    vocab = toy.vocabulary()
+    digit = {vocab[str(d)]: d for d in range(10)}
+    if len(response) != 7 or response[6] != vocab["<eos>"]:
+        return 0.0
+    if any(t not in digit or digit[t] > variant.max_digit for t in response[:6]):
+        return 0.0
+    return float(sum(digit[t] for t in response[:6]) == target)
+
+
+@pytest.mark.parametrize("variant", [EASY, HARD])
+def test_score_responses_matches_the_rule_per_response(variant):
+    """3000 random responses, a third of them correct or near misses, ids beyond the vocabulary."""
+    rng = np.random.default_rng(0)
+    vocab = toy.vocabulary()
+    n, width = 3000, 9
+    responses = rng.integers(0, len(vocab) + 5, (n, width))
+    digits = rng.integers(0, variant.max_digit + 1, (n, 6))
+    near = rng.random(n) < 0.6
+    responses[near, :6] = toy.digit_ids()[digits[near]]
+    responses[near, 6] = vocab["<eos>"]
+    lengths = np.where(rng.random(n) < 0.8, 7, rng.integers(0, width + 1, n))
+    targets = np.where(rng.random(n) < 0.5, digits.sum(1), rng.integers(0, 55, n))
+    rewards = toy.score_responses(responses, lengths, targets, variant)
+    expected = [_reference_score(list(r[:k]), t, variant)
+                for r, k, t in zip(responses, lengths, targets, strict=True)]
+    np.testing.assert_array_equal(rewards, expected)
+    assert 0.1 < rewards.mean() < 0.5
+
+
 @pytest.mark.parametrize("variant", [EASY, HARD])
 def test_count_table_matches_enumeration(variant):
     table = toy._count_table(variant.max_digit)

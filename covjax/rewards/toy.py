@@ -129,25 +129,40 @@ def score(response: Sequence[int], target: int, variant: Variant) -> float:
 
     `response` holds the response token ids up to and including the stop token (nothing after it).
     """
-    response = list(response)
-    if len(response) != NUM_DIGITS + 1 or response[-1] != vocabulary()[EOS]:
-        return 0.0
-    id_to_digit = {int(t): d for d, t in enumerate(digit_ids())}
-    digits = [id_to_digit.get(t) for t in response[:NUM_DIGITS]]
-    if any(d is None or d > variant.max_digit for d in digits):
-        return 0.0
-    return float(sum(digits) == target)
+    response = np.asarray(response, np.int64).reshape(1, -1)
+    return float(score_responses(response, np.array([response.shape[1]]), [target], variant)[0])
+
+
+def score_responses(
+    responses: np.ndarray, lengths: np.ndarray, targets: Sequence[int], variant: Variant
+) -> np.ndarray:
+    """Rewards [N] float32 of the responses [N, W] (row i: its first lengths[i] token ids), by
+    ``score``'s rule, in a few array operations (the per-response loop cost ~20 us a row)."""
+    num_rows = responses.shape[0]
+    width = NUM_DIGITS + 1
+    vocab_size = len(vocabulary())
+    tokens = np.full((num_rows, width), vocab_size, np.int64)  # vocab_size: not a token
+    used = min(width, responses.shape[1])
+    tokens[:, :used] = responses[:, :used]
+    tokens = np.where((tokens >= 0) & (tokens < vocab_size), tokens, vocab_size)
+    digit_of = np.full(vocab_size + 1, -1)
+    digit_of[digit_ids()] = np.arange(10)
+    digits = digit_of[tokens[:, :NUM_DIGITS]]
+    correct = (
+        (np.asarray(lengths) == width)
+        & (tokens[:, NUM_DIGITS] == vocabulary()[EOS])
+        & (digits >= 0).all(axis=1)
+        & (digits <= variant.max_digit).all(axis=1)
+        & (digits.sum(axis=1) == np.asarray(targets))
+    )
+    return correct.astype(np.float32)
 
 
 def score_rollout(rollout: Rollout, targets: Sequence[int], variant: Variant) -> np.ndarray:
     """Rewards [N] float32 of a sampler Rollout whose row i answers prompt group_ids[i]."""
-    p = rollout.prompt_length
-    return np.array(
-        [
-            score(rollout.tokens[i, p : p + rollout.lengths[i]], targets[g], variant)
-            for i, g in enumerate(rollout.group_ids)
-        ],
-        np.float32,
+    responses = rollout.tokens[:, rollout.prompt_length :]
+    return score_responses(
+        responses, rollout.lengths, np.asarray(targets)[rollout.group_ids], variant
     )
 
 
