@@ -56,7 +56,7 @@ from jax.sharding import PartitionSpec as P
 
 from covjax.model import ModelConfig, init_cache
 from covjax.model.config import DTYPES
-from covjax.sharding import data_sharding
+from covjax.sharding import data_sharding, host_gather
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -334,7 +334,8 @@ class Sampler:
                 jnp.float32(top_p),
                 pad_id,
             )
-        resp_tokens, resp_logp, lengths, stopped = jax.device_get(out)
+        # every process gets all rows (an all-gather when the mesh spans several processes)
+        resp_tokens, resp_logp, lengths, stopped = host_gather(out)
         return _assemble(
             ids[:num_rows],
             mask[:num_rows],

@@ -230,23 +230,6 @@ class StepData:
     # kept for the entropy and covariance metrics only
 
 
-class GatheringSampler(Sampler):
-    """A Sampler on a mesh that spans several processes (see the module docstring).
-
-    Every process calls `generate` with the same prompts: the jitted program runs over the global
-    mesh, each device decoding its own rows. Sampler.generate fetches the [B, ...] results with
-    jax.device_get, which reads only this process's devices, so here they are all-gathered first.
-    """
-
-    def _compiled(self, graphdef):
-        generate = super()._compiled(graphdef)
-
-        def gathered(*args):
-            return sharding.host_gather(generate(*args))
-
-        return gathered
-
-
 def _rollout_rows(rollout: Rollout, rows: np.ndarray) -> Rollout:
     """The responses `rows` of a rollout (group_ids keep indexing the full prompt list)."""
     return dataclasses.replace(
@@ -675,7 +658,7 @@ def _train(config, workdir: Path, mesh, model, tokenizer, manager) -> list[dict[
             force=True,
         )
 
-    sampler = (GatheringSampler if jax.process_count() > 1 else Sampler)(
+    sampler = Sampler(
         model,
         mesh=mesh,
         length_buckets=_prompt_buckets(config.data.max_prompt_length),
