@@ -7,7 +7,7 @@ the 12 s warm start included (later runs of a seed read it from data.toy.cache_d
 Arguments: `configs/default.py:smoke` runs 4 tiny steps (about 20 s); `:hard` the hard
 variant (digits 0-9, S in 4..50; reward 0.13 -> 0.65 in 300 steps); `:hard,smoke` both.
 
-Clip-Cov (ALGORITHMS.md 3) with the toy's ratio r = 5e-2: the paper's 2e-4 touches one token
+Clip-Cov (ALGORITHMS.md 3) with the toy's ratio r = 0.1: the paper's 2e-4 touches one token
 of an 896-token mini-batch and does nothing (TOY.md). Measured (seed 0): reward 0.64 -> 1.00
 (saturated by step ~40), token entropy 1.23 -> 0.73 (toy_grpo: 1.23 -> 0.12).
 All keys and their ranges: covjax/config.py (base_config, toy_config).

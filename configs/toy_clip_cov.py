@@ -1,4 +1,4 @@
-"""The toy with Clip-Cov (r = 5e-2, band lb = 1, ub = 5, PPO eps 1/1).
+"""The toy with Clip-Cov (r = 0.1, hard variant 5e-2; band lb = 1, ub = 5; PPO eps 1/1).
 
     python -m covjax.train --config=configs/toy_clip_cov.py --workdir=runs/toy_clip_cov
 
