@@ -2,7 +2,7 @@
 
 Reads what the trainer writes into a workdir (docs/metrics.md): metrics.jsonl
 (one JSON object per step) and cov/step_{step:06d}.npy (the per-token covariances, Eq. 10, of the
-valid tokens of the step's batch, each within its mini-batch: the scope the selection sees).
+valid tokens of the step's batch, from the rollout policy's log-probs, centred per mini-batch).
 NumPy and matplotlib only; no JAX, so it runs anywhere.
 
 The entropy-performance law (ALGORITHMS.md section 1): R = -a * exp(H) + b, with the predicted

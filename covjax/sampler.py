@@ -13,7 +13,8 @@ The flow of `Sampler.generate` (DESIGN.md, "sampler.generate"):
    has sampled a stop token or used its budget, with no host round trip per token; the cache is
    a loop carry, updated in place. Finished rows keep their place in the batch (static shapes);
    with `compact_min_batch` the program continues with half the batch once half the rows are done.
-3. Host: one transfer of the [B, R] results, assembled into a `Rollout` of numpy arrays.
+3. Host: one transfer of the [B, R] results (an all-gather when the mesh spans several
+   processes: every process gets every row), assembled into a `Rollout` of numpy arrays.
 
 The model's weights are read from the live module on every call (`nnx.split`) and passed to the
 program as an argument, so the trainer's in-place `nnx.update` is seen without recompiling and

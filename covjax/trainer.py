@@ -258,7 +258,8 @@ def score_split(task, rollout: Rollout, truths: Sequence) -> np.ndarray:
 def collect_rollouts(task, sampler: Sampler, config, rng: jax.Array) -> StepData:
     """Samples prompts_per_step groups of n responses; with dynamic sampling, groups whose
     rewards all agree are dropped and new prompts are sampled (up to rollout.max_gen_rounds
-    rounds). Missing groups are padding rows with an empty response mask, so shapes are fixed.
+    rounds). Missing groups are padding rows with an empty response mask, so shapes are fixed;
+    the kept groups of such a short step are dealt over the mini-batches (minibatch_group_order).
 
     Reward, accuracy and length metrics are those of the first round (the policy's own
     performance, not biased by the filter); filter/kept_group_frac counts every round.
@@ -342,6 +343,10 @@ def minibatch_group_order(num_kept: int, num_groups: int, groups_per_minibatch: 
     a step with few kept groups would make one on-policy update and KL-Cov's penalty, whose
     gradient is zero on-policy (ALGORITHMS.md section 3), would never act.
     """
+    if not 0 < groups_per_minibatch <= num_groups or num_groups % groups_per_minibatch:
+        raise ValueError(
+            f"groups_per_minibatch={groups_per_minibatch} must divide num_groups={num_groups}"
+        )
     num_minibatches = num_groups // groups_per_minibatch
     kept = np.arange(num_kept)
     slots = (kept % num_minibatches) * groups_per_minibatch + kept // num_minibatches

@@ -561,7 +561,7 @@ def test_kl_cov_ties_broken_by_position():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_kl_cov_two_stage_top_k_matches_numpy_on_a_large_tied_batch(seed):
-    """16 x 1024 tokens with k = 163 take the blocked two-stage top-k; logp on a coarse grid and
+    """16 x 1024 tokens with k_max = 164 take the blocked two-stage top-k; logp on a coarse grid and
     shared advantages make many equal cov values, so ties must still go to the lower position."""
     rng = np.random.default_rng(seed)
     logp = -rng.integers(0, 4, (16, 1024)).astype(np.float32)
@@ -578,15 +578,23 @@ def test_two_stage_top_k_equals_a_stable_sort_with_ties_and_ineligible(seed):
     many equal small ones earlier (so the chosen blocks must be read in index order), -inf
     entries, and a size that is not a multiple of the block."""
     rng = np.random.default_rng(seed)
-    flat = rng.integers(0, 3, 5000).astype(np.float32)
-    flat[rng.choice(np.arange(4000, 5000), 20, replace=False)] = 9.0
-    flat[rng.random(5000) < 0.3] = -np.inf
+    flat = rng.integers(0, 3, 5003).astype(np.float32)
+    flat[rng.choice(np.arange(4000, 5003), 20, replace=False)] = 9.0
+    flat[rng.random(5003) < 0.3] = -np.inf
     k = 50
-    assert losses._selection_block(flat.size, k) > 1
+    assert flat.size % losses._selection_block(flat.size, k) != 0
     score, index = losses._top_k(jnp.asarray(flat), k)
     order = np.argsort(-flat, kind="stable")[:k]
     np.testing.assert_array_equal(index, order)
     np.testing.assert_array_equal(score, flat[order])
+
+
+def test_select_top_counts_signed_zeros_as_one_value_and_accepts_an_empty_batch():
+    chosen = losses._select_top(jnp.array([-1.0, -0.0, 0.0, -jnp.inf]), jnp.int32(1), 2)
+    np.testing.assert_array_equal(chosen, [False, True, False, False])
+    empty = np.zeros((0, 5), np.float32)
+    sel = losses.select_tokens(empty, empty, empty, empty.astype(bool), method="kl_cov")
+    assert sel.shape == (0, 5)
 
 
 def test_same_key_same_choice_other_keys_differ():

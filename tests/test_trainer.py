@@ -238,6 +238,16 @@ def test_minibatch_group_order_deals_kept_groups_round_robin(
     assert per_minibatch_kept.max() - per_minibatch_kept.min() <= 1
 
 
+def test_short_step_puts_padding_between_kept_groups_with_masks_and_advantages_aligned():
+    # 2 of 4 groups kept (prompts 0 and 2), 2 mini-batches of 2 groups: [prompt 0, pad | 2, pad]
+    _, data = _collect([[0, 1, 1, 1, 1, 0, 0, 0], [1] * 8, [1] * 8])
+    response = data.arrays["response_mask"].any(axis=1)
+    np.testing.assert_array_equal(response, [1, 1, 0, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(data.arrays["tokens"][response, 1], [0, 0, 2, 2])
+    np.testing.assert_allclose(data.advantages, [-0.707, 0.707, 0, 0, 0.707, -0.707, 0, 0],
+                               atol=1e-3)
+
+
 def test_dynamic_sampling_stops_when_full_and_measures_saturated_steps():
     task, data = _collect([[0, 1] * 4, [1] * 8])
     assert task.calls == 1 and data.trainable and data.metrics["filter/kept_group_frac"] == 1
