@@ -88,7 +88,7 @@ def entropy_check_metrics(logp: Array, advantages: Array, mask: Array, entropy_b
                           entropy_after: Array, *, eta: float | Array) -> dict[str, Array]:
     """The three entropy_check/* metrics (docs/metrics.md) for one trained batch: logp and
     entropy_before from the policy before the update, entropy_after recomputed on the same batch
-    after it, eta the learning rate of the update."""
+    after it, eta the summed learning rates of the updates made between the two."""
     predicted = predicted_entropy_change(logp, advantages, mask, eta=eta)
     return {"entropy_check/predicted_natural": predicted["natural"],
             "entropy_check/predicted_vanilla": predicted["vanilla"],

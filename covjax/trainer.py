@@ -816,7 +816,7 @@ def _learn(step, step_rng, data: StepData, state, ref_params, step_fns, cfg, con
         _, entropy_after = logprob_fn(state.params, lp_batch)
         check = entropy_check.entropy_check_metrics(
             old_logp, batch["advantages"], batch["mask"], entropy, entropy_after,
-            eta=config.optim.lr,
+            eta=sum(u["lr"] for u in updates),  # k updates between the measurements: k * lr
         )
         metrics.update({k: float(v) for k, v in check.items()})
     metrics["time/update"] = time.perf_counter() - t0

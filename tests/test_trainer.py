@@ -71,7 +71,10 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_model(straight):
     for step in (0, 2):  # eval_interval = cov_dump_interval = entropy_check_interval = 2
         assert "val/toy/accuracy" in recs[step] and set(CHECK_KEYS) <= set(recs[step])
         cov = np.load(workdir / "cov" / f"step_{step:06d}.npy")
-        assert cov.dtype == np.float32 and cov.ndim == 1 and 0 < cov.size <= 4 * 8 * 7
+        # every response token of the step (throughput x time = its token count), not one
+        # mini-batch's
+        num_tokens = round(recs[step]["throughput/tokens_per_s"] * recs[step]["time/step"])
+        assert cov.dtype == np.float32 and cov.ndim == 1 and cov.size == num_tokens > 4 * 8
     assert "val/toy/accuracy" in recs[4] and "entropy_check/measured" not in recs[1]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
     assert any(p.name.startswith("events") for p in (workdir / "tensorboard").iterdir())
