@@ -5,11 +5,12 @@
 Cost on 2 shared CPU cores (2026-11-26): 300 steps in about 90 s and 1.0 GB peak RSS,
 the 12 s warm start included (later runs of a seed read it from data.toy.cache_dir: ~70 s).
 Arguments: `configs/default.py:smoke` runs 4 tiny steps (about 20 s); `:hard` the hard
-variant (digits 0-9, S in 4..50; reward 0.13 -> 0.65 in 300 steps); `:hard,smoke` both.
+variant (digits 0-9, S in 4..50; reward 0.13 -> 0.47-0.91 at step 300, by method);
+`:hard,smoke` both.
 
 Clip-Cov (ALGORITHMS.md 3) with the toy's ratio r = 0.1: the paper's 2e-4 touches one token
 of an 896-token mini-batch and does nothing (TOY.md). Measured (seed 0): reward 0.64 -> 1.00
-(saturated by step ~40), token entropy 1.23 -> 0.73 (toy_grpo: 1.23 -> 0.12).
+(saturated by step ~60), token entropy 1.23 -> 0.46 (toy_grpo: 1.23 -> 0.10).
 All keys and their ranges: covjax/config.py (base_config, toy_config).
 """
 

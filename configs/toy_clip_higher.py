@@ -5,7 +5,8 @@
 Cost on 2 shared CPU cores (2026-11-26): 300 steps in about 90 s and 1.0 GB peak RSS,
 the 12 s warm start included (later runs of a seed read it from data.toy.cache_dir: ~70 s).
 Arguments: `configs/toy_clip_higher.py:smoke` runs 4 tiny steps (about 20 s); `:hard` the hard
-variant (digits 0-9, S in 4..50; reward 0.13 -> 0.65 in 300 steps); `:hard,smoke` both.
+variant (digits 0-9, S in 4..50; reward 0.13 -> 0.47-0.91 at step 300, by method);
+`:hard,smoke` both.
 
 TOY.md: at toy scale Clip-Higher kept less entropy than GRPO.
 All keys and their ranges: covjax/config.py (base_config, toy_config).

@@ -5,10 +5,12 @@
 Cost on 2 shared CPU cores (2026-11-26): 300 steps in about 90 s and 1.0 GB peak RSS,
 the 12 s warm start included (later runs of a seed read it from data.toy.cache_dir: ~70 s).
 Arguments: `configs/toy_kl_cov.py:smoke` runs 4 tiny steps (about 20 s); `:hard` the hard
-variant (digits 0-9, S in 4..50; reward 0.13 -> 0.65 in 300 steps); `:hard,smoke` both.
+variant (digits 0-9, S in 4..50; reward 0.13 -> 0.47-0.91 at step 300, by method);
+`:hard,smoke` both.
 
 KL-Cov's penalty |logp - old_logp| has zero gradient on the first, on-policy mini-batch, so the
-toy keeps 4 mini-batches per rollout step (16 prompts x 8 responses each).
+toy keeps 4 mini-batches per rollout step (16 prompts x 8 responses each), and a step that
+dynamic sampling left short deals its kept groups over them (covjax.trainer).
 All keys and their ranges: covjax/config.py (base_config, toy_config).
 """
 

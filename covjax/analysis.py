@@ -524,7 +524,8 @@ def summary_markdown(summaries: Sequence[RunSummary], equal_reward: tuple[float,
         lines.append(f"| {name} | " + (f"{hit[0]} | {_fmt(hit[1])} |" if hit else "never | n/a |"))
     checked = [s for s in summaries if s.check_natural is not None]
     if checked:
-        lines += ["", "## Live entropy check: predicted (first order, eta = lr) vs measured dH", "",
+        lines += ["", "## Live entropy check: predicted (first order, eta = the step's summed "
+                  "learning rate) vs measured dH", "",
                   "Slope: measured ~ slope * predicted through the origin (the effective step "
                   "relative to the learning rate; not 1 under Adam).", "",
                   "| run | form | steps | correlation | same sign | slope |",
