@@ -163,8 +163,8 @@ def test_model_config_is_tiny_qwen2():
 def test_warm_start_is_deterministic_and_cached(tmp_path):
     ws = toy.WarmStart(steps=3, batch_size=16)
 
-    def params(cache_dir):
-        model = Transformer(toy.model_config(), rngs=nnx.Rngs(0))
+    def params(cache_dir, init_seed=0):
+        model = Transformer(toy.model_config(), rngs=nnx.Rngs(init_seed))
         cached = toy.warm_start(model, variant=EASY, seed=3, ws=ws, cache_dir=cache_dir)
         return cached, [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
@@ -179,3 +179,7 @@ def test_warm_start_is_deterministic_and_cached(tmp_path):
         np.testing.assert_array_equal(x, y)
         np.testing.assert_array_equal(x, z)
     assert any(not np.array_equal(x, w) for x, w in zip(a, initial, strict=True))
+    # other initial parameters (as after a change of the model's init): never the stale cache
+    cached_d, d = params(str(tmp_path), init_seed=1)
+    assert not cached_d and any(not np.array_equal(x, w) for x, w in zip(a, d, strict=True))
+    assert len(list(tmp_path.glob("toy_easy_seed3_*.npz"))) == 2

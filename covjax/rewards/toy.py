@@ -283,22 +283,45 @@ def _param_leaves(model: nnx.Module) -> list[tuple[str, jax.Array]]:
 
 
 def _cache_path(
-    cache_dir: str, variant: Variant, seed: int, ws: WarmStart, model: nnx.Module
+    cache_dir: str,
+    variant: Variant,
+    seed: int,
+    ws: WarmStart,
+    model: nnx.Module,
+    batches: list[tuple[np.ndarray, np.ndarray]],
 ) -> Path:
-    shapes = [(k, tuple(x.shape), str(x.dtype)) for k, x in _param_leaves(model)]
-    key = json.dumps([variant.name, seed, dataclasses.asdict(ws), shapes], sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return Path(cache_dir).expanduser() / f"toy_{variant.name}_seed{seed}_{digest}.npz"
+    """The cache file of this warm start. Its key hashes the settings and also the initial
+    parameter values and the training batches themselves, so that a change of the model's
+    initialisation or of the data generation can never read a warm start made by older code."""
+    digest = hashlib.sha256(
+        json.dumps([variant.name, seed, dataclasses.asdict(ws)], sort_keys=True).encode()
+    )
+    for name, x in _param_leaves(model):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(np.asarray(x)).tobytes())
+    for tokens, mask in batches:
+        digest.update(tokens.tobytes())
+        digest.update(mask.tobytes())
+    name = f"toy_{variant.name}_seed{seed}_{digest.hexdigest()[:12]}.npz"
+    return Path(cache_dir).expanduser() / name
 
 
-def _train_supervised(model: nnx.Module, variant: Variant, seed: int, ws: WarmStart) -> np.ndarray:
+def _warm_start_batches(
+    variant: Variant, seed: int, ws: WarmStart
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The ws.steps (tokens, mask) batches of the warm start, drawn from the seed."""
+    rng = np.random.default_rng(seed)
+    return [
+        warm_start_batch(rng, ws.batch_size, variant, ws.frac_correct) for _ in range(ws.steps)
+    ]
+
+
+def _train_supervised(
+    model: nnx.Module, ws: WarmStart, batches: list[tuple[np.ndarray, np.ndarray]]
+) -> np.ndarray:
     """Runs the warm start in place on `model`: next-token cross-entropy on the response tokens.
 
     Returns the loss of every step."""
-    rng = np.random.default_rng(seed)
-    batches = [
-        warm_start_batch(rng, ws.batch_size, variant, ws.frac_correct) for _ in range(ws.steps)
-    ]
     tokens = jnp.asarray(np.stack([b[0] for b in batches]))
     masks = jnp.asarray(np.stack([b[1] for b in batches]))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -340,14 +363,15 @@ def warm_start(
     (toy_<variant>_seed<seed>_<hash>.npz, written atomically) and read back by every later run, so
     all methods start from bit-identical policies. Returns True when it came from the cache.
     """
-    path = _cache_path(cache_dir, variant, seed, ws, model) if cache_dir else None
+    batches = _warm_start_batches(variant, seed, ws)
+    path = _cache_path(cache_dir, variant, seed, ws, model, batches) if cache_dir else None
     if path is not None and path.exists():
         with np.load(path) as cached:
             values = [cached[k] for k, _ in _param_leaves(model)]
         state = nnx.state(model, nnx.Param)
         nnx.update(model, jax.tree.unflatten(jax.tree.structure(state), values))
         return True
-    _train_supervised(model, variant, seed, ws)
+    _train_supervised(model, ws, batches)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
