@@ -2,15 +2,15 @@
 
     python -m covjax.train --config=configs/default.py --workdir=runs/default
 
-Cost on 2 shared CPU cores (2026-11-26): 300 steps in about 90 s and 1.0 GB peak RSS,
-the 12 s warm start included (later runs of a seed read it from data.toy.cache_dir: ~70 s).
+Cost on 2 CPU cores (2026-11-26): 300 steps in about 60 s and 1.1 GB peak RSS, the 10 s
+warm start included (later runs of a seed read it from data.toy.cache_dir: ~50 s).
 Arguments: `configs/default.py:smoke` runs 4 tiny steps (about 20 s); `:hard` the hard
-variant (digits 0-9, S in 4..50; reward 0.13 -> 0.47-0.91 at step 300, by method);
+variant (digits 0-9, S in 4..50; reward 0.07-0.17 -> 0.47-0.92 at step 300);
 `:hard,smoke` both.
 
 Clip-Cov (ALGORITHMS.md 3) with the toy's ratio r = 0.1: the paper's 2e-4 touches one token
-of an 896-token mini-batch and does nothing (TOY.md). Measured (seed 0): reward 0.64 -> 1.00
-(saturated by step ~60), token entropy 1.23 -> 0.46 (toy_grpo: 1.23 -> 0.10).
+of an 896-token mini-batch and does nothing (TOY.md). Measured (seed 0): reward 0.60 -> 1.00
+(saturated by step ~80), token entropy 1.25 -> 0.42 (toy_grpo: 1.25 -> 0.22).
 All keys and their ranges: covjax/config.py (base_config, toy_config).
 """
 

@@ -2,10 +2,10 @@
 
     python -m covjax.train --config=configs/toy_kl_cov.py --workdir=runs/toy_kl_cov
 
-Cost on 2 shared CPU cores (2026-11-26): 300 steps in about 90 s and 1.0 GB peak RSS,
-the 12 s warm start included (later runs of a seed read it from data.toy.cache_dir: ~70 s).
+Cost on 2 CPU cores (2026-11-26): 300 steps in about 60 s and 1.1 GB peak RSS, the 10 s
+warm start included (later runs of a seed read it from data.toy.cache_dir: ~50 s).
 Arguments: `configs/toy_kl_cov.py:smoke` runs 4 tiny steps (about 20 s); `:hard` the hard
-variant (digits 0-9, S in 4..50; reward 0.13 -> 0.47-0.91 at step 300, by method);
+variant (digits 0-9, S in 4..50; reward 0.07-0.17 -> 0.47-0.92 at step 300);
 `:hard,smoke` both.
 
 KL-Cov's penalty |logp - old_logp| has zero gradient on the first, on-policy mini-batch, so the
