@@ -39,7 +39,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import matplotlib
 import numpy as np
@@ -124,31 +124,37 @@ def run_sweep(out_dir: str, *, steps: int = 300, seeds: Sequence[int] = (0,),
                          "non-empty")
     os.makedirs(out_dir, exist_ok=True)
     workdirs = {}
+    for variant, method, seed, name, workdir in _runs(out_dir, seeds, variants, methods):
+        workdirs[name] = workdir
+        if is_complete(workdir, steps):
+            log(f"{name}: complete, skipped")
+            continue
+        os.makedirs(workdir, exist_ok=True)
+        command = train_command(variant, method, seed, workdir, steps=steps, smoke=smoke,
+                                overrides=overrides)
+        t0 = time.perf_counter()
+        log_path = os.path.join(workdir, "train.log")
+        with open(log_path, "a", encoding="utf-8") as log_file:
+            result = subprocess.run(command, cwd=REPO_ROOT, env=_subprocess_env(),
+                                    stdout=log_file, stderr=subprocess.STDOUT, check=False)
+        if result.returncode != 0:
+            with open(log_path, encoding="utf-8") as f:
+                tail = f.read()[-3000:]
+            raise RuntimeError(f"{' '.join(command)} exited with {result.returncode}; "
+                               f"end of {log_path}:\n{tail}")
+        log(f"{name}: {time.perf_counter() - t0:.0f} s")
+    return workdirs
+
+
+def _runs(out_dir: str, seeds: Sequence[int], variants: Sequence[str],
+          methods: Sequence[str]) -> Iterator[tuple[str, str, int, str, str]]:
+    """(variant, method, seed, run name, absolute workdir) of every run, seed-major (so that a
+    shortened sweep still compares all methods)."""
     for seed in seeds:
         for variant in variants:
             for method in methods:
                 name = run_name(variant, method, seed)
-                workdir = os.path.abspath(os.path.join(out_dir, name))
-                workdirs[name] = workdir
-                if is_complete(workdir, steps):
-                    log(f"{name}: complete, skipped")
-                    continue
-                os.makedirs(workdir, exist_ok=True)
-                command = train_command(variant, method, seed, workdir, steps=steps, smoke=smoke,
-                                        overrides=overrides)
-                t0 = time.perf_counter()
-                log_path = os.path.join(workdir, "train.log")
-                with open(log_path, "a", encoding="utf-8") as log_file:
-                    result = subprocess.run(command, cwd=REPO_ROOT, env=_subprocess_env(),
-                                            stdout=log_file, stderr=subprocess.STDOUT,
-                                            check=False)
-                if result.returncode != 0:
-                    with open(log_path, encoding="utf-8") as f:
-                        tail = f.read()[-3000:]
-                    raise RuntimeError(f"{' '.join(command)} exited with {result.returncode}; "
-                                       f"end of {log_path}:\n{tail}")
-                log(f"{name}: {time.perf_counter() - t0:.0f} s")
-    return workdirs
+                yield variant, method, seed, name, os.path.abspath(os.path.join(out_dir, name))
 
 
 # ----------------------------------------------------------------------------- one run
@@ -507,14 +513,11 @@ def report(workdirs: Mapping[str, str], report_dir: str, *, final_window: int = 
 def sweep_workdirs(out_dir: str, *, seeds: Sequence[int], variants: Sequence[str] = VARIANTS,
                    methods: Sequence[str] = METHODS) -> dict[str, str]:
     """{run name: workdir} of the runs of a sweep folder that exist (same order as run_sweep)."""
-    workdirs = {}
-    for seed in seeds:
-        for variant in variants:
-            for method in methods:
-                name = run_name(variant, method, seed)
-                workdir = os.path.abspath(os.path.join(out_dir, name))
-                if os.path.isfile(os.path.join(workdir, analysis.METRICS_FILE)):
-                    workdirs[name] = workdir
+    workdirs = {
+        name: workdir
+        for _, _, _, name, workdir in _runs(out_dir, seeds, variants, methods)
+        if os.path.isfile(os.path.join(workdir, analysis.METRICS_FILE))
+    }
     if not workdirs:
         raise FileNotFoundError(f"no run of seeds {list(seeds)}, variants {list(variants)}, "
                                 f"methods {list(methods)} in {out_dir!r}")

@@ -319,17 +319,10 @@ def collect_rollouts(task, sampler: Sampler, config, rng: jax.Array) -> StepData
             "time/rewards": t_score,
         }
     )
-    if not kept:  # nothing to learn from: measure the first round, train on nothing
-        data = _assemble_batch([first], num_prompts * r.n, r.n, config.advantage.estimator,
-                               metrics)
-        return dataclasses.replace(data, trainable=False)
-    data = _assemble_batch(kept, num_prompts * r.n, r.n, config.advantage.estimator, metrics)
-    if num_kept == num_prompts:
-        return data
-    order = minibatch_group_order(num_kept, num_prompts, config.train.mini_batch_prompts)
-    rows = (order[:, None] * r.n + np.arange(r.n)).reshape(-1)
-    arrays = {k: v[rows] for k, v in data.arrays.items()}
-    return dataclasses.replace(data, arrays=arrays, advantages=data.advantages[rows])
+    data = _assemble_batch(kept or [first], num_prompts * r.n, r.n, config.advantage.estimator,
+                           metrics, config.train.mini_batch_prompts)
+    # nothing kept: the first round is measured, nothing is trained on
+    return data if kept else dataclasses.replace(data, trainable=False)
 
 
 def minibatch_group_order(num_kept: int, num_groups: int, groups_per_minibatch: int) -> np.ndarray:
@@ -356,9 +349,12 @@ def minibatch_group_order(num_kept: int, num_groups: int, groups_per_minibatch: 
     return order
 
 
-def _assemble_batch(kept, num_rows: int, n: int, estimator: str, metrics) -> StepData:
-    """Concatenates the kept rows (prompts left-padded to one width), pads to num_rows with
-    masked copies of row 0 and computes the advantages of the kept groups."""
+def _assemble_batch(kept, num_rows: int, n: int, estimator: str, metrics,
+                    groups_per_minibatch: int) -> StepData:
+    """Concatenates the kept rows (prompts left-padded to one width) and computes the advantages
+    of the kept groups. When groups are missing, one gather fills num_rows: the kept groups are
+    dealt over the mini-batches (minibatch_group_order) and the empty group slots hold copies of
+    row 0 with an empty response mask and advantage 0."""
     width = max(ro.prompt_length for ro, _, _ in kept)
     parts = [_take(_left_pad(ro, width), rows) for ro, rows, _ in kept]
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -372,16 +368,16 @@ def _assemble_batch(kept, num_rows: int, n: int, estimator: str, metrics) -> Ste
     group_ids = np.arange(rewards.size) // n
     adv = np.asarray(
         advantages_lib.compute(jnp.asarray(rewards), jnp.asarray(group_ids), estimator=estimator)
-    )[:num_real]
+    )[:num_real].astype(np.float32)
     if num_real < num_rows:
-        fill = num_rows - num_real
-        for k, v in arrays.items():
-            pad_rows = np.repeat(v[:1], fill, axis=0)
-            if k == "response_mask":
-                pad_rows = np.zeros_like(pad_rows)
-            arrays[k] = np.concatenate([v, pad_rows])
-        adv = np.concatenate([adv, np.zeros(fill, np.float32)])
-    return StepData(arrays, width, adv.astype(np.float32), metrics, trainable=True)
+        order = minibatch_group_order(num_real // n, num_rows // n, groups_per_minibatch)
+        rows = (order[:, None] * n + np.arange(n)).reshape(-1)
+        padding = rows >= num_real
+        source = np.where(padding, 0, rows)
+        arrays = {k: v[source] for k, v in arrays.items()}
+        arrays["response_mask"][padding] = False
+        adv = np.where(padding, np.float32(0), adv[source])
+    return StepData(arrays, width, adv, metrics, trainable=True)
 
 
 def _to_device(x: np.ndarray, sharding_: NamedSharding) -> jax.Array:
