@@ -336,7 +336,7 @@ def toy_config(method: str, arg: str | None = None) -> ml_collections.ConfigDict
     if "hard" in words:
         c.data.toy.variant = "hard"
         # docs/toy_results.md, "Settings": measured on both variants; the non-saturating one
-        # keeps 4 full mini-batches every step and loses reward with the easy variant's ratios
+        # makes 4 updates every step and loses reward with the easy variant's ratios
         c.loss.clip_cov_ratio = 5e-2
         c.loss.kl_cov_ratio = 0.1
     if "smoke" in words:

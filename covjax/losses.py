@@ -323,10 +323,11 @@ def _top_k(flat: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     The entries are cut into blocks; the k blocks with the largest maxima hold every top-k entry
     (a block outside them has k block maxima that each beat all its entries, equal values
     ordered by index), so a top-k over those k blocks' entries, in index order, is exact. Over
-    64 x 4096 float32 keys with k = 53 on the CPU this took 0.16 ms against 0.35 ms for one
-    ``lax.top_k`` and 83 ms for a full sort (benchmarks/losses.py --primitives). On an H200 a
-    full sort of 16.7M floats was measured faster than one ``lax.top_k`` with k = 3355 (0.67 vs
-    4.85 ms); the two-stage form is not yet measured there (the same script's ``--size paper``).
+    64 x 4096 float32 keys with k = 53 on the CPU this took 0.43 ms against 0.97 ms for one
+    ``lax.top_k`` and 53 ms for a full sort (benchmarks/losses.py --primitives, BENCHMARKS.md).
+    On an H200 a full sort of 16.7M floats was measured faster than one ``lax.top_k`` with
+    k = 3355 (0.67 vs 4.85 ms); the two-stage form is not yet measured there (the same script's
+    ``--size paper``).
     """
     block = _selection_block(flat.size, k)
     if block == 1:
