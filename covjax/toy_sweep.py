@@ -311,7 +311,7 @@ def evaluate_targets(rows: Sequence[RunRow], workdirs: Mapping[str, str], *,
                 targets.append(Target(
                     f"{method}: >= {min_entropy_ratio:g}x grpo's entropy, reward <= "
                     f"{100 * max_reward_drop:g} points below", scope,
-                    f"H {row.final_entropy:.3f} vs {grpo.final_entropy:.3f} = {ratio:.2f}x; "
+                    f"H {row.final_entropy:.3f} vs {grpo.final_entropy:.3f} = {ratio:.3f}x; "
                     f"reward {row.final_reward:.4f} vs {grpo.final_reward:.4f} "
                     f"({-100 * drop:+.2f} points); final accuracy {row.final_accuracy:.3f} vs "
                     f"{grpo.final_accuracy:.3f}",

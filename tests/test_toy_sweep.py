@@ -1,0 +1,99 @@
+"""Tests of covjax/toy_sweep.py: run names and issue 7's target judgement at its thresholds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from covjax import toy_sweep
+
+
+def _row(variant: str, method: str, seed: int = 0, **values) -> toy_sweep.RunRow:
+    """A sweep row with every number nan except those given."""
+    numbers = {f.name: math.nan for f in dataclasses.fields(toy_sweep.RunRow)
+               if f.type in ("float", float)}
+    numbers.update(values)
+    return toy_sweep.RunRow(name=toy_sweep.run_name(variant, method, seed), variant=variant,
+                            method=method, seed=seed, num_steps=300,
+                            num_concentration_dumps=3, **numbers)
+
+
+def _write_metrics(workdir, reward: np.ndarray, entropy: np.ndarray) -> str:
+    workdir.mkdir()
+    with open(workdir / "metrics.jsonl", "w", encoding="utf-8") as f:
+        for step, (r, h) in enumerate(zip(reward, entropy, strict=True)):
+            f.write(json.dumps({"step": step, "reward/mean": float(r),
+                                "entropy/token_mean": float(h)}) + "\n")
+    return str(workdir)
+
+
+def test_run_name_round_trip():
+    name = toy_sweep.run_name("hard", "clip_higher", 12)
+    assert name == "hard_clip_higher_s12"
+    assert toy_sweep._parse_name(name) == ("hard", "clip_higher", 12)
+    with pytest.raises(ValueError, match="run name 'easy_sgd_s0'"):
+        toy_sweep._parse_name("easy_sgd_s0")
+
+
+def test_targets_at_their_thresholds(tmp_path):
+    """Ratios, reward drops, R² and concentrations just either side of the issue's thresholds."""
+    rows = [
+        # grpo keeps 0.2 of 1.0: lost exactly 80% (PASS); its final reward 0.99
+        _row("easy", "grpo", initial_entropy=1.0, final_entropy=0.2, final_reward=0.99,
+             final_accuracy=1.0, concentration=20.0),
+        # 0.5992 / 0.2 = 2.996x: below 3 (MISS), shown with three decimals
+        _row("easy", "clip_cov", initial_entropy=1.0, final_entropy=0.5992, final_reward=0.99,
+             final_accuracy=1.0, concentration=19.99),
+        # 3.5x, reward 1.9 points below grpo's (PASS)
+        _row("easy", "kl_cov", initial_entropy=1.0, final_entropy=0.7, final_reward=0.971,
+             final_accuracy=1.0, concentration=25.0),
+        # hard: grpo lost 79.9% (MISS), R² 0.899 (MISS)
+        _row("hard", "grpo", initial_entropy=1.0, final_entropy=0.201, final_reward=0.8,
+             final_accuracy=0.8, law_r2=0.899, law_r2_binned=0.95, concentration=30.0),
+    ]
+    steps = np.arange(40)
+    reward = np.where(steps < 20, 0.5, 1.0)
+    workdirs = {
+        r.name: _write_metrics(tmp_path / r.name, reward, np.full(40, r.final_entropy))
+        for r in rows
+    }
+    targets = toy_sweep.evaluate_targets(rows, workdirs)
+
+    def find(scope: str, start: str) -> toy_sweep.Target:
+        (hit,) = [t for t in targets if t.scope == scope and t.target.startswith(start)]
+        return hit
+
+    assert find("easy, seed 0", "grpo loses").passed is True
+    clip_cov = find("easy, seed 0", "clip_cov: >= 3x")
+    assert clip_cov.passed is False and "2.996x" in clip_cov.measured
+    kl_cov = find("easy, seed 0", "kl_cov: >= 3x")
+    assert kl_cov.passed is True and "(-1.90 points)" in kl_cov.measured
+    assert find("easy, seed 0", "clip_cov: top-1%").passed is False
+    assert find("easy, seed 0", "grpo: top-1%").passed is True
+    assert find("hard, seed 0", "grpo loses").passed is False
+    assert find("hard, seed 0", "law").passed is False
+    # the 10-step moving average of a reward that jumps from 0.5 to 1 at step 20 first reaches
+    # 1 at step 29; the entropy there is the run's constant
+    equal = find("easy, seed 0", "entropy at equal reward 1.000")
+    assert equal.passed is None
+    assert "grpo H 0.200 at step 29" in equal.measured
+    assert "kl_cov H 0.700 at step 29" in equal.measured
+
+
+def test_reward_drop_over_two_points_misses(tmp_path):
+    rows = [
+        _row("easy", "grpo", initial_entropy=1.0, final_entropy=0.1, final_reward=1.0,
+             final_accuracy=1.0, concentration=30.0),
+        _row("easy", "kl_cov", initial_entropy=1.0, final_entropy=0.5, final_reward=0.979,
+             final_accuracy=1.0, concentration=30.0),
+    ]
+    workdirs = {r.name: _write_metrics(tmp_path / r.name, np.ones(10), np.ones(10))
+                for r in rows}
+    (kl_cov,) = [t for t in toy_sweep.evaluate_targets(rows, workdirs)
+                 if t.target.startswith("kl_cov: >= 3x")]
+    assert kl_cov.passed is False and "5.000x" in kl_cov.measured
+    assert "(-2.10 points)" in kl_cov.measured
