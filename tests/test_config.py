@@ -41,8 +41,11 @@ def test_toy_hyperparameters_follow_toy_results():
     """The settings docs/toy_results.md measured (easy; hard: smaller ratios)."""
     c = load("default")
     assert (c.loss.method, c.loss.clip_cov_ratio, c.loss.clip_cov_lb, c.loss.clip_cov_ub) == (
-        "clip_cov", 0.1, 1.0, 5.0)
-    assert load("toy_clip_cov", "hard").loss.clip_cov_ratio == 5e-2
+        "clip_cov", 0.2, 0.5, 5.0)
+    assert c.data.toy.warm_start_steps == 2000
+    hard_clip_cov = load("toy_clip_cov", "hard")
+    assert (hard_clip_cov.loss.clip_cov_ratio, hard_clip_cov.loss.clip_cov_lb) == (5e-2, 1.0)
+    assert hard_clip_cov.data.toy.warm_start_steps == 600
     assert (c.train.prompts_per_step, c.rollout.n, c.train.mini_batch_prompts) == (64, 8, 16)
     assert (c.optim.lr, c.optim.weight_decay, c.optim.grad_clip) == (5e-4, 0.01, 1.0)
     kl = load("toy_kl_cov")
