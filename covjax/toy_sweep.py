@@ -454,8 +454,8 @@ def make_figures(workdirs: Mapping[str, str], rows: Sequence[RunRow], figure_dir
             points[n] = (entropy, accuracy, fit)
         paths.append(analysis.plot_law_fit(points, os.path.join(figure_dir, f"law_fit_{tag}.png"),
                                            accuracy_label=ACCURACY_KEY))
-        kl_cov = toy_config("kl_cov", "hard" if variant == "hard" else None).loss
-        clip_cov = toy_config("clip_cov").loss
+        arg = "hard" if variant == "hard" else None
+        kl_cov, clip_cov = toy_config("kl_cov", arg).loss, toy_config("clip_cov", arg).loss
         for n in group:
             if _parse_name(n)[1] not in ("grpo", "clip_cov"):
                 continue
