@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -427,14 +428,26 @@ def plot_overview(runs: Mapping[str, Sequence[analysis.Record]], path: str, *,
     return path
 
 
+def run_loss_config(workdir: str) -> dict[str, Any]:
+    """The `loss` settings a run trained with, from the config.json the trainer wrote into its
+    workdir (so a run made with --override shows its own Clip-Cov band and KL-Cov ratio)."""
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)["loss"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path!r} not found: the trainer writes it at the start of a run"
+                                ) from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path!r} holds no trainer config with a 'loss' section ({e!r})") from e
+
+
 def make_figures(workdirs: Mapping[str, str], rows: Sequence[RunRow], figure_dir: str
                  ) -> list[str]:
     """The figures of covjax.analysis for each (variant, seed) plus the overview: entropy and
     reward against step, the law fit, the covariance histogram of grpo and clip_cov (first and
-    last dump, Clip-Cov band and the KL-Cov threshold of that variant's config) and predicted vs
+    last dump, Clip-Cov band and the KL-Cov threshold of the run's own config) and predicted vs
     measured entropy change. Returns the paths written."""
-    from covjax.config import toy_config  # imports JAX: only the figures need it
-
     os.makedirs(figure_dir, exist_ok=True)
     records = {name: analysis.read_metrics(w) for name, w in workdirs.items()}
     rows_by_name = {r.name: r for r in rows}
@@ -454,8 +467,6 @@ def make_figures(workdirs: Mapping[str, str], rows: Sequence[RunRow], figure_dir
             points[n] = (entropy, accuracy, fit)
         paths.append(analysis.plot_law_fit(points, os.path.join(figure_dir, f"law_fit_{tag}.png"),
                                            accuracy_label=ACCURACY_KEY))
-        arg = "hard" if variant == "hard" else None
-        kl_cov, clip_cov = toy_config("kl_cov", arg).loss, toy_config("clip_cov", arg).loss
         for n in group:
             if _parse_name(n)[1] not in ("grpo", "clip_cov"):
                 continue
@@ -463,10 +474,11 @@ def make_figures(workdirs: Mapping[str, str], rows: Sequence[RunRow], figure_dir
             if not dumps:
                 continue
             shown = sorted({min(dumps), max(dumps)})
+            loss = run_loss_config(workdirs[n])
             paths.append(analysis.plot_cov_histogram(
                 {f"{n} step {s}": analysis.load_cov(dumps[s]) for s in shown},
-                os.path.join(figure_dir, f"cov_hist_{n}.png"), clip_cov_lb=clip_cov.clip_cov_lb,
-                clip_cov_ub=clip_cov.clip_cov_ub, kl_cov_ratio=kl_cov.kl_cov_ratio))
+                os.path.join(figure_dir, f"cov_hist_{n}.png"), clip_cov_lb=loss["clip_cov_lb"],
+                clip_cov_ub=loss["clip_cov_ub"], kl_cov_ratio=loss["kl_cov_ratio"]))
         checks = {}
         for n in group:
             _, *check = analysis.series(records[n], [analysis.CHECK_NATURAL_KEY,
