@@ -2,8 +2,9 @@
 
     python -m covjax.train --config=configs/toy_grpo.py --workdir=runs/toy_grpo
 
-Cost on 2 CPU cores (2026-11-26): 300 steps in about 60 s and 1.1 GB peak RSS, the 10 s
-warm start included (later runs of a seed read it from data.toy.cache_dir: ~50 s).
+Cost on 2 CPU cores (2026-11-26): 300 steps in about 85 s and 1.0 GB peak RSS, the 31 s
+warm start (2000 steps; the hard variant's has 600) included; later runs of a seed read it from
+data.toy.cache_dir (about 50 s).
 Arguments: `configs/toy_grpo.py:smoke` runs 4 tiny steps (about 20 s); `:hard` the hard
 variant (digits 0-9, S in 4..50; final reward 0.47-0.92 by method, 0.07-0.17 at step 0);
 `:hard,smoke` both.

@@ -638,16 +638,16 @@ def policy_loss(
     cov = _covariance(logp, advantages, mask)
     if selected is None:
         # The barrier keeps XLA from sharing rho between the selection and the loss: each fusion
-        # then recomputes exp, cheaper than writing rho out and reading it twice (CPU, 64 x 4096:
-        # clip_cov 0.87 ms instead of 0.95, BENCHMARKS.md). Same ops, so the same clipped set.
+        # then recomputes exp, cheaper than writing rho out and reading it twice (measured on the
+        # CPU only, 64 x 4096: clip_cov 0.87 ms instead of 0.95, BENCHMARKS.md). The ops are
+        # those of ppo_clipped above; tests check that select_tokens chooses the same tokens.
+        # (The trainer's default cov_scope="minibatch" passes `selected` and skips this.)
         selection_logp, selection_old_logp = jax.lax.optimization_barrier((logp, old_logp))
         selected = _select(
             method,
             mask,
             cov,
-            _ppo_clipped(
-                selection_logp, selection_old_logp, advantages, mask, clip_low, clip_high
-            ),
+            _ppo_clipped(selection_logp, selection_old_logp, advantages, mask, clip_low, clip_high),
             rng,
             clip_cov_ratio,
             clip_cov_lb,
