@@ -26,6 +26,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+# what a covariance histogram marks for a run without a config.json: the paper's Clip-Cov band and
+# the 7B recipe's KL-Cov ratio (ALGORITHMS.md section 7)
+PAPER_MARKS = {"clip_cov_lb": 1.0, "clip_cov_ub": 5.0, "kl_cov_ratio": 2e-3}
 COV_DIR = "cov"
 ENTROPY_KEY = "entropy/token_mean"
 REWARD_KEY = "reward/mean"
@@ -66,6 +70,33 @@ def read_metrics(workdir: str) -> list[dict]:
     if not records:
         raise ValueError(f"metrics file {path!r} is empty")
     return sorted(records, key=lambda r: r["step"])
+
+
+def read_loss_config(workdir: str) -> dict:
+    """The `loss` settings a run trained with, from the config.json the trainer wrote into its
+    workdir."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)["loss"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path!r} not found: the trainer writes it at the start of a run"
+                                ) from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path!r} holds no trainer config with a 'loss' section ({e!r})") from e
+
+
+def histogram_marks(workdir: str, **given: float | None) -> dict[str, float]:
+    """The Clip-Cov band and KL-Cov ratio to mark on a run's covariance histogram: each of
+    clip_cov_lb, clip_cov_ub, kl_cov_ratio as given, else the run's own (its config.json), else
+    PAPER_MARKS when the workdir has no config.json."""
+    unknown = set(given) - set(PAPER_MARKS)
+    if unknown:
+        raise ValueError(f"unknown histogram marks {sorted(unknown)}; known: {list(PAPER_MARKS)}")
+    has_config = os.path.isfile(os.path.join(workdir, CONFIG_FILE))
+    own = read_loss_config(workdir) if has_config else PAPER_MARKS
+    return {key: float(given[key] if given.get(key) is not None else own[key])
+            for key in PAPER_MARKS}
 
 
 def resolve_accuracy_key(records: Sequence[Record], accuracy_key: str | None = None) -> str:

@@ -35,10 +35,11 @@ _EQUAL_REWARD = flags.DEFINE_float(
     "that every run reaches.")
 _CONCENTRATION_MIN_STEP = flags.DEFINE_integer(
     "concentration_min_step", 10, "Covariance concentration: median over dumps from this step on.")
-_CLIP_COV_LB = flags.DEFINE_float("clip_cov_lb", 1.0, "Clip-Cov band lower bound to mark.")
-_CLIP_COV_UB = flags.DEFINE_float("clip_cov_ub", 5.0, "Clip-Cov band upper bound to mark.")
-_KL_COV_RATIO = flags.DEFINE_float("kl_cov_ratio", 2e-3, "KL-Cov top-k ratio whose threshold "
-                                   "the histogram marks.")
+_OWN = "; default: the run's own (its config.json), else the paper's"
+_CLIP_COV_LB = flags.DEFINE_float("clip_cov_lb", None, "Clip-Cov band lower bound to mark" + _OWN)
+_CLIP_COV_UB = flags.DEFINE_float("clip_cov_ub", None, "Clip-Cov band upper bound to mark" + _OWN)
+_KL_COV_RATIO = flags.DEFINE_float("kl_cov_ratio", None, "KL-Cov top-k ratio whose threshold the "
+                                   "histogram marks" + _OWN)
 
 
 def _run_names(workdirs: list[str]) -> list[str]:
@@ -87,8 +88,10 @@ def main(argv: list[str]) -> None:
             first, last = min(dumps), max(dumps)
             analysis.plot_cov_histogram(
                 {f"step {s}": analysis.load_cov(dumps[s]) for s in sorted({first, last})},
-                out(f"cov_hist_{_file_safe(name)}.png"), clip_cov_lb=_CLIP_COV_LB.value,
-                clip_cov_ub=_CLIP_COV_UB.value, kl_cov_ratio=_KL_COV_RATIO.value)
+                out(f"cov_hist_{_file_safe(name)}.png"),
+                **analysis.histogram_marks(workdir, clip_cov_lb=_CLIP_COV_LB.value,
+                                           clip_cov_ub=_CLIP_COV_UB.value,
+                                           kl_cov_ratio=_KL_COV_RATIO.value))
 
     analysis.plot_entropy_and_reward(runs, out("entropy_reward.png"),
                                      entropy_key=_ENTROPY_KEY.value, reward_key=_REWARD_KEY.value)

@@ -40,7 +40,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
 
 import matplotlib
 import numpy as np
@@ -428,20 +427,6 @@ def plot_overview(runs: Mapping[str, Sequence[analysis.Record]], path: str, *,
     return path
 
 
-def run_loss_config(workdir: str) -> dict[str, Any]:
-    """The `loss` settings a run trained with, from the config.json the trainer wrote into its
-    workdir (so a run made with --override shows its own Clip-Cov band and KL-Cov ratio)."""
-    path = os.path.join(workdir, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)["loss"]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path!r} not found: the trainer writes it at the start of a run"
-                                ) from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path!r} holds no trainer config with a 'loss' section ({e!r})") from e
-
-
 def make_figures(workdirs: Mapping[str, str], rows: Sequence[RunRow], figure_dir: str
                  ) -> list[str]:
     """The figures of covjax.analysis for each (variant, seed) plus the overview: entropy and
@@ -474,11 +459,10 @@ def make_figures(workdirs: Mapping[str, str], rows: Sequence[RunRow], figure_dir
             if not dumps:
                 continue
             shown = sorted({min(dumps), max(dumps)})
-            loss = run_loss_config(workdirs[n])
             paths.append(analysis.plot_cov_histogram(
                 {f"{n} step {s}": analysis.load_cov(dumps[s]) for s in shown},
-                os.path.join(figure_dir, f"cov_hist_{n}.png"), clip_cov_lb=loss["clip_cov_lb"],
-                clip_cov_ub=loss["clip_cov_ub"], kl_cov_ratio=loss["kl_cov_ratio"]))
+                os.path.join(figure_dir, f"cov_hist_{n}.png"),
+                **analysis.histogram_marks(workdirs[n])))
         checks = {}
         for n in group:
             _, *check = analysis.series(records[n], [analysis.CHECK_NATURAL_KEY,

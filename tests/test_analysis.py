@@ -259,3 +259,25 @@ def test_analyze_cli_names_missing_paths(tmp_path):
     assert result.returncode != 0 and str(tmp_path / "absent") in result.stderr
     result = run_analyze(f"--workdir={tmp_path}", f"--out={tmp_path / 'out'}")
     assert result.returncode != 0 and os.path.join(str(tmp_path), "metrics.jsonl") in result.stderr
+
+
+def test_histogram_marks_follow_the_run_config_then_the_flags(tmp_path):
+    """The band and KL-Cov ratio a histogram marks: the given value, else the run's config.json,
+    else the paper's (1, 5) and 2e-3; a broken config.json is named."""
+    run = tmp_path / "run"
+    run.mkdir()
+    assert analysis.histogram_marks(str(run)) == {
+        "clip_cov_lb": 1.0, "clip_cov_ub": 5.0, "kl_cov_ratio": 2e-3}
+    (run / "config.json").write_text(json.dumps(
+        {"seed": 2, "loss": {"clip_cov_lb": 0.5, "clip_cov_ub": 5.0, "kl_cov_ratio": 0.3}}))
+    assert analysis.histogram_marks(str(run)) == {
+        "clip_cov_lb": 0.5, "clip_cov_ub": 5.0, "kl_cov_ratio": 0.3}
+    assert analysis.histogram_marks(str(run), clip_cov_lb=2.0, kl_cov_ratio=None) == {
+        "clip_cov_lb": 2.0, "clip_cov_ub": 5.0, "kl_cov_ratio": 0.3}
+    with pytest.raises(ValueError, match="unknown histogram marks"):
+        analysis.histogram_marks(str(run), clip_cov_band=1.0)
+    (run / "config.json").write_text(json.dumps({"seed": 2}))
+    with pytest.raises(ValueError, match="config.json' holds no trainer config with a 'loss'"):
+        analysis.histogram_marks(str(run))
+    with pytest.raises(FileNotFoundError, match="config.json' not found"):
+        analysis.read_loss_config(str(tmp_path))

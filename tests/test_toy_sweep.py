@@ -98,16 +98,3 @@ def test_reward_drop_over_two_points_misses(tmp_path):
     assert kl_cov.passed is False and "5.000x" in kl_cov.measured
     assert "(-2.10 points)" in kl_cov.measured
 
-
-def test_run_loss_config_reads_the_run_s_own_settings(tmp_path):
-    """The figures mark the band a run trained with (an --override run differs from the
-    committed config), read from the config.json the trainer wrote."""
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"seed": 2, "loss": {"clip_cov_lb": 0.5, "clip_cov_ub": 5.0, "kl_cov_ratio": 0.3}}))
-    loss = toy_sweep.run_loss_config(str(tmp_path))
-    assert (loss["clip_cov_lb"], loss["clip_cov_ub"], loss["kl_cov_ratio"]) == (0.5, 5.0, 0.3)
-    with pytest.raises(FileNotFoundError, match="config.json' not found"):
-        toy_sweep.run_loss_config(str(tmp_path / "missing"))
-    (tmp_path / "config.json").write_text(json.dumps({"seed": 2}))
-    with pytest.raises(ValueError, match="no trainer config with a 'loss' section"):
-        toy_sweep.run_loss_config(str(tmp_path))
