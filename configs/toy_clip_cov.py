@@ -10,7 +10,7 @@ variant (digits 0-9, S in 4..50; final reward 0.47-0.92 by method, 0.07-0.17 at 
 `:hard,smoke` both.
 
 The paper's 2e-4 touches one token of an 896-token mini-batch and does nothing (TOY.md). From
-r = 0.2 on the band, not r, decides how many tokens are touched (r = 0.4 changed no bit), so the
+r = 0.2 on, the band, not r, decides how many tokens are touched (r = 0.4 changed no bit), so the
 easy variant widens the paper's band [1, 5] to [0.5, 5] (docs/toy_results.md, "Settings").
 All keys and their ranges: covjax/config.py (base_config, toy_config).
 """

@@ -86,17 +86,30 @@ def read_loss_config(workdir: str) -> dict:
         raise ValueError(f"{path!r} holds no trainer config with a 'loss' section ({e!r})") from e
 
 
-def histogram_marks(workdir: str, **given: float | None) -> dict[str, float]:
+def histogram_marks(workdir: str, *, require_config: bool = False,
+                    **given: float | None) -> dict[str, float]:
     """The Clip-Cov band and KL-Cov ratio to mark on a run's covariance histogram: each of
     clip_cov_lb, clip_cov_ub, kl_cov_ratio as given, else the run's own (its config.json), else
-    PAPER_MARKS when the workdir has no config.json."""
+    PAPER_MARKS when the workdir has no config.json (an error instead with require_config).
+    The histogram's log axis needs 0 < lb < ub and 0 < kl_cov_ratio <= 1."""
     unknown = set(given) - set(PAPER_MARKS)
     if unknown:
         raise ValueError(f"unknown histogram marks {sorted(unknown)}; known: {list(PAPER_MARKS)}")
-    has_config = os.path.isfile(os.path.join(workdir, CONFIG_FILE))
-    own = read_loss_config(workdir) if has_config else PAPER_MARKS
-    return {key: float(given[key] if given.get(key) is not None else own[key])
-            for key in PAPER_MARKS}
+    marks = {key: given.get(key) for key in PAPER_MARKS}
+    if any(value is None for value in marks.values()):
+        path = os.path.join(workdir, CONFIG_FILE)
+        own = (read_loss_config(workdir) if require_config or os.path.isfile(path)
+               else PAPER_MARKS)
+        try:
+            marks = {key: float(own[key]) if value is None else float(value)
+                     for key, value in marks.items()}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path!r}: its 'loss' section lacks a number for {e!s}") from e
+    lb, ub, ratio = (marks[key] for key in PAPER_MARKS)
+    if not (0 < lb < ub < math.inf and 0 < ratio <= 1):
+        raise ValueError(f"histogram marks of {workdir!r} need 0 < clip_cov_lb < clip_cov_ub and "
+                         f"0 < kl_cov_ratio <= 1, got {marks}")
+    return marks
 
 
 def resolve_accuracy_key(records: Sequence[Record], accuracy_key: str | None = None) -> str:

@@ -3,10 +3,10 @@
     python -m covjax.analyze --workdir=runs/A,runs/B --out=report [--fit_fraction=0.5]
 
 Writes into --out: entropy_reward.png (entropy and reward against step, all runs), law_fit.png
-(entropy-accuracy scatter with the fitted R = -a exp(H) + b), cov_hist_<run>.png (token
-covariance histogram of the first and last cov dump with the Clip-Cov band and the KL-Cov
-threshold), entropy_check.png (predicted against measured entropy change, when the trainer ran
-the live check) and summary.md (see covjax.analysis.summary_markdown).
+(entropy-accuracy scatter with the fitted R = -a exp(H) + b), cov_hist_<run>.png (token covariance
+histogram of the first and last cov dump with the Clip-Cov band and the KL-Cov threshold, from the
+run's config.json unless the flags give them), entropy_check.png (predicted against measured entropy
+change, when the trainer ran the live check) and summary.md (see covjax.analysis.summary_markdown).
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ _EQUAL_REWARD = flags.DEFINE_float(
     "that every run reaches.")
 _CONCENTRATION_MIN_STEP = flags.DEFINE_integer(
     "concentration_min_step", 10, "Covariance concentration: median over dumps from this step on.")
-_OWN = "; default: the run's own (its config.json), else the paper's"
-_CLIP_COV_LB = flags.DEFINE_float("clip_cov_lb", None, "Clip-Cov band lower bound to mark" + _OWN)
-_CLIP_COV_UB = flags.DEFINE_float("clip_cov_ub", None, "Clip-Cov band upper bound to mark" + _OWN)
+_OWN = "; default: the run's own (its config.json), else the paper's "
+_CLIP_COV_LB = flags.DEFINE_float("clip_cov_lb", None,
+                                  "Clip-Cov band lower bound to mark" + _OWN + "1.0.")
+_CLIP_COV_UB = flags.DEFINE_float("clip_cov_ub", None,
+                                  "Clip-Cov band upper bound to mark" + _OWN + "5.0.")
 _KL_COV_RATIO = flags.DEFINE_float("kl_cov_ratio", None, "KL-Cov top-k ratio whose threshold the "
-                                   "histogram marks" + _OWN)
+                                   "histogram marks" + _OWN + "2e-3.")
 
 
 def _run_names(workdirs: list[str]) -> list[str]:
@@ -61,6 +63,9 @@ def main(argv: list[str]) -> None:
     workdirs = _WORKDIR.value
     runs = {name: analysis.read_metrics(w)
             for name, w in zip(_run_names(workdirs), workdirs, strict=True)}
+    marks = {w: analysis.histogram_marks(w, clip_cov_lb=_CLIP_COV_LB.value,
+                                         clip_cov_ub=_CLIP_COV_UB.value,
+                                         kl_cov_ratio=_KL_COV_RATIO.value) for w in workdirs}
     os.makedirs(_OUT.value, exist_ok=True)
     figures = []
 
@@ -88,10 +93,7 @@ def main(argv: list[str]) -> None:
             first, last = min(dumps), max(dumps)
             analysis.plot_cov_histogram(
                 {f"step {s}": analysis.load_cov(dumps[s]) for s in sorted({first, last})},
-                out(f"cov_hist_{_file_safe(name)}.png"),
-                **analysis.histogram_marks(workdir, clip_cov_lb=_CLIP_COV_LB.value,
-                                           clip_cov_ub=_CLIP_COV_UB.value,
-                                           kl_cov_ratio=_KL_COV_RATIO.value))
+                out(f"cov_hist_{_file_safe(name)}.png"), **marks[workdir])
 
     analysis.plot_entropy_and_reward(runs, out("entropy_reward.png"),
                                      entropy_key=_ENTROPY_KEY.value, reward_key=_REWARD_KEY.value)

@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.clip_high = 1.0
     c.loss.dual_clip_c = 3.0
     # toy (easy), docs/toy_results.md "Settings": the paper's 2e-4 touches one token of a
-    # mini-batch; from r = 0.2 on the band decides how many are touched, so its lower bound is
+    # mini-batch; from r = 0.2 on, the band decides how many are touched, so its lower bound is
     # 0.5 (the paper's band is [1, 5]: paper_recipe and the hard variant keep it)
     c.loss.clip_cov_ratio = 0.2
     c.loss.clip_cov_lb = 0.5

@@ -462,7 +462,7 @@ def make_figures(workdirs: Mapping[str, str], rows: Sequence[RunRow], figure_dir
             paths.append(analysis.plot_cov_histogram(
                 {f"{n} step {s}": analysis.load_cov(dumps[s]) for s in shown},
                 os.path.join(figure_dir, f"cov_hist_{n}.png"),
-                **analysis.histogram_marks(workdirs[n])))
+                **analysis.histogram_marks(workdirs[n], require_config=True)))
         checks = {}
         for n in group:
             _, *check = analysis.series(records[n], [analysis.CHECK_NATURAL_KEY,

@@ -276,8 +276,33 @@ def test_histogram_marks_follow_the_run_config_then_the_flags(tmp_path):
         "clip_cov_lb": 2.0, "clip_cov_ub": 5.0, "kl_cov_ratio": 0.3}
     with pytest.raises(ValueError, match="unknown histogram marks"):
         analysis.histogram_marks(str(run), clip_cov_band=1.0)
+    with pytest.raises(ValueError, match="need 0 < clip_cov_lb < clip_cov_ub"):
+        analysis.histogram_marks(str(run), clip_cov_lb=0.0)
+    (run / "config.json").write_text(json.dumps({"seed": 2, "loss": {"clip_cov_lb": 0.5}}))
+    with pytest.raises(ValueError, match="'loss' section lacks a number for 'clip_cov_ub'"):
+        analysis.histogram_marks(str(run))
+    # every mark given: the broken file is not read
+    assert analysis.histogram_marks(str(run), clip_cov_lb=1, clip_cov_ub=2, kl_cov_ratio=0.1) == {
+        "clip_cov_lb": 1.0, "clip_cov_ub": 2.0, "kl_cov_ratio": 0.1}
     (run / "config.json").write_text(json.dumps({"seed": 2}))
     with pytest.raises(ValueError, match="config.json' holds no trainer config with a 'loss'"):
         analysis.histogram_marks(str(run))
     with pytest.raises(FileNotFoundError, match="config.json' not found"):
         analysis.read_loss_config(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="config.json' not found"):
+        analysis.histogram_marks(str(tmp_path), require_config=True)
+
+
+def test_analyze_cli_marks_from_the_run_config_and_flags(tmp_path):
+    """The CLI takes the marks from config.json, lets a flag override one, and names a bad one."""
+    run, out = str(tmp_path / "A"), str(tmp_path / "report")
+    write_run(run, a=0.3, b=0.9, seed=1)
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump({"loss": {"clip_cov_lb": 0.5, "clip_cov_ub": 5.0, "kl_cov_ratio": 0.2}}, f)
+    result = run_analyze(f"--workdir={run}", f"--out={out}", "--clip_cov_lb=2")
+    assert result.returncode == 0, result.stderr
+    assert_png(os.path.join(out, "cov_hist_A.png"))
+    result = run_analyze(f"--workdir={run}", f"--out={tmp_path / 'bad'}", "--clip_cov_lb=6")
+    assert result.returncode != 0 and not os.path.exists(tmp_path / "bad")  # before any work
+    assert "need 0 < clip_cov_lb < clip_cov_ub" in result.stderr and "clip_cov_lb': 6.0" in (
+        result.stderr)

@@ -97,4 +97,3 @@ def test_reward_drop_over_two_points_misses(tmp_path):
                  if t.target.startswith("kl_cov: >= 3x")]
     assert kl_cov.passed is False and "5.000x" in kl_cov.measured
     assert "(-2.10 points)" in kl_cov.measured
-
