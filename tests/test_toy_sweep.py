@@ -22,13 +22,26 @@ def _row(variant: str, method: str, seed: int = 0, **values) -> toy_sweep.RunRow
                             num_concentration_dumps=3, **numbers)
 
 
-def _write_metrics(workdir, reward: np.ndarray, entropy: np.ndarray) -> str:
-    workdir.mkdir()
-    with open(workdir / "metrics.jsonl", "w", encoding="utf-8") as f:
-        for step, (r, h) in enumerate(zip(reward, entropy, strict=True)):
-            f.write(json.dumps({"step": step, "reward/mean": float(r),
-                                "entropy/token_mean": float(h)}) + "\n")
-    return str(workdir)
+def _evaluate(tmp_path, rows: list[toy_sweep.RunRow], reward: np.ndarray
+              ) -> list[toy_sweep.Target]:
+    """evaluate_targets on `rows`, each run's metrics.jsonl holding `reward` per step and its
+    row's final entropy as a constant entropy."""
+    workdirs = {}
+    for row in rows:
+        workdir = tmp_path / row.name
+        workdir.mkdir()
+        with open(workdir / "metrics.jsonl", "w", encoding="utf-8") as f:
+            for step, r in enumerate(reward):
+                f.write(json.dumps({"step": step, "reward/mean": float(r),
+                                    "entropy/token_mean": row.final_entropy}) + "\n")
+        workdirs[row.name] = str(workdir)
+    return toy_sweep.evaluate_targets(rows, workdirs)
+
+
+def _find(targets: list[toy_sweep.Target], scope: str, start: str) -> toy_sweep.Target:
+    """The one target of `scope` whose text starts with `start`."""
+    (hit,) = [t for t in targets if t.scope == scope and t.target.startswith(start)]
+    return hit
 
 
 def test_run_name_round_trip():
@@ -55,30 +68,20 @@ def test_targets_at_their_thresholds(tmp_path):
         _row("hard", "grpo", initial_entropy=1.0, final_entropy=0.201, final_reward=0.8,
              final_accuracy=0.8, law_r2=0.899, law_r2_binned=0.95, concentration=30.0),
     ]
-    steps = np.arange(40)
-    reward = np.where(steps < 20, 0.5, 1.0)
-    workdirs = {
-        r.name: _write_metrics(tmp_path / r.name, reward, np.full(40, r.final_entropy))
-        for r in rows
-    }
-    targets = toy_sweep.evaluate_targets(rows, workdirs)
+    targets = _evaluate(tmp_path, rows, np.where(np.arange(40) < 20, 0.5, 1.0))
 
-    def find(scope: str, start: str) -> toy_sweep.Target:
-        (hit,) = [t for t in targets if t.scope == scope and t.target.startswith(start)]
-        return hit
-
-    assert find("easy, seed 0", "grpo loses").passed is True
-    clip_cov = find("easy, seed 0", "clip_cov: >= 3x")
+    assert _find(targets, "easy, seed 0", "grpo loses").passed is True
+    clip_cov = _find(targets, "easy, seed 0", "clip_cov: >= 3x")
     assert clip_cov.passed is False and "2.996x" in clip_cov.measured
-    kl_cov = find("easy, seed 0", "kl_cov: >= 3x")
+    kl_cov = _find(targets, "easy, seed 0", "kl_cov: >= 3x")
     assert kl_cov.passed is True and "(-1.90 points)" in kl_cov.measured
-    assert find("easy, seed 0", "clip_cov: top-1%").passed is False
-    assert find("easy, seed 0", "grpo: top-1%").passed is True
-    assert find("hard, seed 0", "grpo loses").passed is False
-    assert find("hard, seed 0", "law").passed is False
+    assert _find(targets, "easy, seed 0", "clip_cov: top-1%").passed is False
+    assert _find(targets, "easy, seed 0", "grpo: top-1%").passed is True
+    assert _find(targets, "hard, seed 0", "grpo loses").passed is False
+    assert _find(targets, "hard, seed 0", "law").passed is False
     # the 10-step moving average of a reward that jumps from 0.5 to 1 at step 20 first reaches
     # 1 at step 29; the entropy there is the run's constant
-    equal = find("easy, seed 0", "entropy at equal reward 1.000")
+    equal = _find(targets, "easy, seed 0", "entropy at equal reward 1.000")
     assert equal.passed is None
     assert "grpo H 0.200 at step 29" in equal.measured
     assert "kl_cov H 0.700 at step 29" in equal.measured
@@ -91,9 +94,6 @@ def test_reward_drop_over_two_points_misses(tmp_path):
         _row("easy", "kl_cov", initial_entropy=1.0, final_entropy=0.5, final_reward=0.979,
              final_accuracy=1.0, concentration=30.0),
     ]
-    workdirs = {r.name: _write_metrics(tmp_path / r.name, np.ones(10), np.ones(10))
-                for r in rows}
-    (kl_cov,) = [t for t in toy_sweep.evaluate_targets(rows, workdirs)
-                 if t.target.startswith("kl_cov: >= 3x")]
+    kl_cov = _find(_evaluate(tmp_path, rows, np.ones(10)), "easy, seed 0", "kl_cov: >= 3x")
     assert kl_cov.passed is False and "5.000x" in kl_cov.measured
     assert "(-2.10 points)" in kl_cov.measured
