@@ -1,4 +1,4 @@
-"""The toy with KL-Cov (k = 0.2, beta = 2; hard variant k = 0.1, beta = 2).
+"""The toy with KL-Cov (k = 0.4, beta = 2; hard variant k = 0.1, beta = 2).
 
     python -m covjax.train --config=configs/toy_kl_cov.py --workdir=runs/toy_kl_cov
 

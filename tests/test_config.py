@@ -49,7 +49,7 @@ def test_toy_hyperparameters_follow_toy_results():
     assert (c.train.prompts_per_step, c.rollout.n, c.train.mini_batch_prompts) == (64, 8, 16)
     assert (c.optim.lr, c.optim.weight_decay, c.optim.grad_clip) == (5e-4, 0.01, 1.0)
     kl = load("toy_kl_cov")
-    assert (kl.loss.method, kl.loss.kl_cov_ratio, kl.loss.kl_cov_coef) == ("kl_cov", 0.2, 2.0)
+    assert (kl.loss.method, kl.loss.kl_cov_ratio, kl.loss.kl_cov_coef) == ("kl_cov", 0.4, 2.0)
     hard = load("toy_kl_cov", "hard")
     assert (hard.loss.kl_cov_ratio, hard.loss.kl_cov_coef) == (0.1, 2.0)
     assert (load("toy_grpo").loss.method, load("toy_grpo").loss.clip_high) == ("ppo", 0.2)
