@@ -149,7 +149,7 @@ def test_step_config_from_config_and_bad_micro_batch():
 
     c = config_lib.toy_config("kl_cov")
     cfg = train_step.StepConfig.from_config(c)
-    assert (cfg.method, cfg.kl_cov_ratio, cfg.micro_batch_size) == ("kl_cov", 0.2, 128)
+    assert (cfg.method, cfg.kl_cov_ratio, cfg.micro_batch_size) == ("kl_cov", 0.4, 128)
     assert cfg.preselect and not dataclasses.replace(cfg, cov_scope="microbatch").preselect
     with pytest.raises(ValueError, match="micro_batch_size=3"):
         train_step.update(
