@@ -9,8 +9,9 @@ non-saturating variant) one after another in subprocesses, into OUT/<variant>_<m
 every method of a seed starts from the same cached warm start (covjax.trainer). A run whose
 metrics.jsonl already holds its final record is skipped; an interrupted one resumes from its
 checkpoint. `report` reads the metrics back (covjax.analysis) into one table row per run, checks
-the issue's targets and writes table.md, targets.md, rows.json and figures/ into OUT/report (or
---report_dir). notebooks/entropy_mechanism.ipynb calls the same functions.
+the issue's targets (per seed, then on how many seeds each holds) and writes table.md, targets.md,
+rows.json and figures/ into OUT/report (or --report_dir). notebooks/entropy_mechanism.ipynb calls
+the same functions.
 
 Definitions used by the table and the targets (metric names: docs/metrics.md):
 - initial entropy = entropy/token_mean at step 0 (the warm-started policy);
@@ -256,9 +257,14 @@ class Target:
     """One of issue 7's targets on one (variant, seed): its numbers and whether it holds."""
 
     target: str
-    scope: str
+    variant: str
+    seed: int
     measured: str
     passed: bool | None  # None: a comparison to report, not a pass/fail
+
+    @property
+    def scope(self) -> str:
+        return f"{self.variant}, seed {self.seed}"
 
 
 def equal_reward(workdirs: Mapping[str, str], *, level: float | None, window: int = 10
@@ -293,11 +299,10 @@ def evaluate_targets(rows: Sequence[RunRow], workdirs: Mapping[str, str], *,
     equal_reward_levels = equal_reward_levels or {}
     targets = []
     for variant, seed in sorted({(r.variant, r.seed) for r in rows}):
-        scope = f"{variant}, seed {seed}"
         grpo = by_key.get((variant, seed, "grpo"))
         if grpo is not None:
             targets.append(Target(
-                f"grpo loses >= {min_entropy_lost:.0%} of its entropy", scope,
+                f"grpo loses >= {min_entropy_lost:.0%} of its entropy", variant, seed,
                 f"H {grpo.initial_entropy:.3f} -> {grpo.final_entropy:.3f}: lost "
                 f"{_fmt(100 * grpo.entropy_lost, '.1f')}%",
                 bool(grpo.entropy_lost >= min_entropy_lost)))
@@ -310,7 +315,7 @@ def evaluate_targets(rows: Sequence[RunRow], workdirs: Mapping[str, str], *,
                 drop = grpo.final_reward - row.final_reward
                 targets.append(Target(
                     f"{method}: >= {min_entropy_ratio:g}x grpo's entropy, reward <= "
-                    f"{100 * max_reward_drop:g} points below", scope,
+                    f"{100 * max_reward_drop:g} points below", variant, seed,
                     f"H {row.final_entropy:.3f} vs {grpo.final_entropy:.3f} = {ratio:.3f}x; "
                     f"reward {row.final_reward:.4f} vs {grpo.final_reward:.4f} "
                     f"({-100 * drop:+.2f} points); final accuracy {row.final_accuracy:.3f} vs "
@@ -318,14 +323,14 @@ def evaluate_targets(rows: Sequence[RunRow], workdirs: Mapping[str, str], *,
                     bool(ratio >= min_entropy_ratio and drop <= max_reward_drop)))
         if variant == "hard" and grpo is not None:
             targets.append(Target(
-                f"law R = -a exp(H) + b fits grpo with R² >= {min_law_r2:g}", scope,
+                f"law R = -a exp(H) + b fits grpo with R² >= {min_law_r2:g}", variant, seed,
                 f"val accuracy: R² {_fmt(grpo.law_r2)} raw, {_fmt(grpo.law_r2_binned)} binned "
                 f"(a {_fmt(grpo.law_a)}, b {_fmt(grpo.law_b)}, ceiling {_fmt(grpo.ceiling)}); "
                 f"per-step reward: R² {_fmt(grpo.reward_law_r2)} raw, "
                 f"{_fmt(grpo.reward_law_r2_binned)} binned",
                 bool(grpo.law_r2 >= min_law_r2)))
             targets.append(Target(
-                "first half of the evaluations predicts the second (grpo)", scope,
+                "first half of the evaluations predicts the second (grpo)", variant, seed,
                 f"MAE {_fmt(grpo.half_fit_mae)}; ceiling from the first half "
                 f"{_fmt(grpo.half_fit_ceiling)} vs {_fmt(grpo.ceiling)} from all, final accuracy "
                 f"{_fmt(grpo.final_accuracy)}", None))
@@ -333,7 +338,7 @@ def evaluate_targets(rows: Sequence[RunRow], workdirs: Mapping[str, str], *,
         for r in group:
             targets.append(Target(
                 f"{r.method}: top-1% mean cov >= {min_concentration:g}x mean \\|cov\\| (median "
-                "over dumps)", scope,
+                "over dumps)", variant, seed,
                 f"{_fmt(r.concentration)}x (min {_fmt(r.concentration_min)}, "
                 f"{r.num_concentration_dumps} dumps)", bool(r.concentration >= min_concentration)))
         names = {r.name: workdirs[r.name] for r in group}
@@ -341,7 +346,7 @@ def evaluate_targets(rows: Sequence[RunRow], workdirs: Mapping[str, str], *,
             reached_level, reached = equal_reward(names, level=level, window=window)
             targets.append(Target(
                 f"entropy at equal reward {reached_level:.3f} ({window}-step moving average)"
-                + (" (highest level all reach)" if level is None else ""), scope,
+                + (" (highest level all reach)" if level is None else ""), variant, seed,
                 "; ".join(f"{_parse_name(n)[1]} " + (f"H {hit[1]:.3f} at step {hit[0]}" if hit
                                                        else "never")
                           for n, hit in reached.items()), None))
@@ -384,11 +389,22 @@ def table_markdown(rows: Sequence[RunRow]) -> str:
 
 
 def targets_markdown(targets: Sequence[Target]) -> str:
-    """The targets, one row per (target, variant, seed): PASS / MISS / (reported)."""
+    """The targets, one row per (target, variant, seed): PASS / MISS / (reported); then, for the
+    pass/fail ones, on how many of their variant's seeds each holds and which seeds miss."""
     lines = ["| target | variant, seed | result | measured |", "|---|---|---|---|"]
     for t in targets:
         result = "reported" if t.passed is None else ("PASS" if t.passed else "MISS")
         lines.append(f"| {t.target} | {t.scope} | {result} | {t.measured} |")
+    by_target: dict[tuple[str, str], list[Target]] = {}
+    for t in targets:
+        if t.passed is not None:
+            by_target.setdefault((t.target, t.variant), []).append(t)
+    lines += ["", "Across seeds:", "", "| target | variant | holds on | misses on |",
+              "|---|---|---|---|"]
+    for (target, variant), group in by_target.items():
+        missed = ", ".join(str(t.seed) for t in group if not t.passed) or "none"
+        held = sum(bool(t.passed) for t in group)
+        lines.append(f"| {target} | {variant} | {held} of {len(group)} seeds | {missed} |")
     return "\n".join(lines) + "\n"
 
 

@@ -97,3 +97,25 @@ def test_reward_drop_over_two_points_misses(tmp_path):
     kl_cov = _find(_evaluate(tmp_path, rows, np.ones(10)), "easy, seed 0", "kl_cov: >= 3x")
     assert kl_cov.passed is False and "5.000x" in kl_cov.measured
     assert "(-2.10 points)" in kl_cov.measured
+
+
+def test_targets_markdown_counts_each_target_across_seeds():
+    """One row per (target, variant, seed), then per (target, variant) the seeds it holds on."""
+    ratio, law = "kl_cov: >= 3x grpo's entropy", "law R = -a exp(H) + b fits grpo"
+    targets = [
+        toy_sweep.Target(ratio, "easy", 0, "2.245x", False),
+        toy_sweep.Target(ratio, "easy", 1, "5.932x", True),
+        toy_sweep.Target(ratio, "easy", 2, "3.580x", True),
+        toy_sweep.Target(law, "hard", 0, "R² 0.894", False),
+        toy_sweep.Target(law, "hard", 1, "R² 0.936", True),
+        toy_sweep.Target("entropy at equal reward", "easy", 0, "grpo H 0.2", None),
+        toy_sweep.Target("grpo loses >= 80% of its entropy", "hard", 0, "lost 90.4%", True),
+    ]
+    text = toy_sweep.targets_markdown(targets)
+    assert "| kl_cov: >= 3x grpo's entropy | easy, seed 0 | MISS | 2.245x |" in text
+    assert "| entropy at equal reward | easy, seed 0 | reported | grpo H 0.2 |" in text
+    summary = text.split("Across seeds:")[1]
+    assert "| kl_cov: >= 3x grpo's entropy | easy | 2 of 3 seeds | 0 |" in summary
+    assert "| law R = -a exp(H) + b fits grpo | hard | 1 of 2 seeds | 0 |" in summary
+    assert "| grpo loses >= 80% of its entropy | hard | 1 of 1 seeds | none |" in summary
+    assert "entropy at equal reward" not in summary
