@@ -264,6 +264,7 @@ class Target:
 
     @property
     def scope(self) -> str:
+        """'<variant>, seed <seed>': the column targets.md shows."""
         return f"{self.variant}, seed {self.seed}"
 
 
@@ -388,24 +389,32 @@ def table_markdown(rows: Sequence[RunRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def targets_markdown(targets: Sequence[Target]) -> str:
-    """The targets, one row per (target, variant, seed): PASS / MISS / (reported); then, for the
-    pass/fail ones, on how many of their variant's seeds each holds and which seeds miss."""
-    lines = ["| target | variant, seed | result | measured |", "|---|---|---|---|"]
-    for t in targets:
-        result = "reported" if t.passed is None else ("PASS" if t.passed else "MISS")
-        lines.append(f"| {t.target} | {t.scope} | {result} | {t.measured} |")
+def _across_seeds_markdown(targets: Sequence[Target]) -> list[str]:
+    """Each pass/fail target per variant: on how many of the seeds it was judged on it holds, and
+    which seeds miss (a number that could not be measured, nan, counts as a miss). [] if none."""
     by_target: dict[tuple[str, str], list[Target]] = {}
     for t in targets:
         if t.passed is not None:
             by_target.setdefault((t.target, t.variant), []).append(t)
-    lines += ["", "Across seeds:", "", "| target | variant | holds on | misses on |",
-              "|---|---|---|---|"]
+    if not by_target:
+        return []
+    lines = ["", "Across seeds:", "", "| target | variant | holds on | misses on |",
+             "|---|---|---|---|"]
     for (target, variant), group in by_target.items():
         missed = ", ".join(str(t.seed) for t in group if not t.passed) or "none"
         held = sum(bool(t.passed) for t in group)
         lines.append(f"| {target} | {variant} | {held} of {len(group)} seeds | {missed} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def targets_markdown(targets: Sequence[Target]) -> str:
+    """The targets, one row per (target, variant, seed): PASS / MISS / (reported); then each
+    pass/fail target counted across seeds (_across_seeds_markdown)."""
+    lines = ["| target | variant, seed | result | measured |", "|---|---|---|---|"]
+    for t in targets:
+        result = "reported" if t.passed is None else ("PASS" if t.passed else "MISS")
+        lines.append(f"| {t.target} | {t.scope} | {result} | {t.measured} |")
+    return "\n".join(lines + _across_seeds_markdown(targets)) + "\n"
 
 
 # ----------------------------------------------------------------------------- figures

@@ -110,6 +110,9 @@ def test_targets_markdown_counts_each_target_across_seeds():
         toy_sweep.Target(law, "hard", 1, "R² 0.936", True),
         toy_sweep.Target("entropy at equal reward", "easy", 0, "grpo H 0.2", None),
         toy_sweep.Target("grpo loses >= 80% of its entropy", "hard", 0, "lost 90.4%", True),
+        toy_sweep.Target("grpo loses >= 80% of its entropy", "easy", 0, "lost 79.0%", False),
+        toy_sweep.Target("grpo loses >= 80% of its entropy", "easy", 1, "lost 92.1%", True),
+        toy_sweep.Target("grpo loses >= 80% of its entropy", "easy", 2, "lost 70.0%", False),
     ]
     text = toy_sweep.targets_markdown(targets)
     assert "| kl_cov: >= 3x grpo's entropy | easy, seed 0 | MISS | 2.245x |" in text
@@ -117,5 +120,9 @@ def test_targets_markdown_counts_each_target_across_seeds():
     summary = text.split("Across seeds:")[1]
     assert "| kl_cov: >= 3x grpo's entropy | easy | 2 of 3 seeds | 0 |" in summary
     assert "| law R = -a exp(H) + b fits grpo | hard | 1 of 2 seeds | 0 |" in summary
+    # the same target text on both variants: counted per variant
     assert "| grpo loses >= 80% of its entropy | hard | 1 of 1 seeds | none |" in summary
+    assert "| grpo loses >= 80% of its entropy | easy | 1 of 3 seeds | 0, 2 |" in summary
     assert "entropy at equal reward" not in summary
+    reported_only = [t for t in targets if t.passed is None]
+    assert "Across seeds" not in toy_sweep.targets_markdown(reported_only)
