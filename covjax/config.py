@@ -20,6 +20,7 @@ import ml_collections
 from covjax.advantages import ESTIMATORS
 from covjax.losses import AGG_MODES, KL_ESTIMATORS, METHODS
 from covjax.model.config import DTYPES, REMAT_POLICIES
+from covjax.rewards.toy import WarmStart
 
 # The recipe names of configs/*.py -> loss.method (GRPO and Clip-Higher are PPO's clip).
 RECIPE_METHODS = {"grpo": "ppo", "clip_higher": "ppo", "clip_cov": "clip_cov", "kl_cov": "kl_cov"}
@@ -51,12 +52,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.prompt_suffix = ""  # instruction after each question; "" = covjax.data's default
     c.data.toy = ml_collections.ConfigDict()
     c.data.toy.variant = "easy"  # "easy" saturates, "hard" shows the entropy-reward law
-    # 2000 steps (easy): step-0 reward 0.59-0.67 on seeds 0-3, where 600 left seed 2 at 0.18;
-    # toy_config's hard variant keeps 600 (2000 starts it at 0.44-0.64, little room to rise)
-    c.data.toy.warm_start_steps = 2000
-    c.data.toy.warm_start_batch = 256
-    c.data.toy.warm_start_lr = 3e-3
-    c.data.toy.warm_start_frac_correct = 0.65  # TOY.md: 25% learned nothing, 100% hit 0.91
+    # the supervised warm start's defaults (2000 steps, batch 256, lr 3e-3, 65% correct answers)
+    # and why: covjax.rewards.toy.WarmStart; toy_config's hard variant keeps 600 steps
+    warm_start = WarmStart()
+    c.data.toy.warm_start_steps = warm_start.steps
+    c.data.toy.warm_start_batch = warm_start.batch_size
+    c.data.toy.warm_start_lr = warm_start.lr
+    c.data.toy.warm_start_frac_correct = warm_start.frac_correct
     c.data.toy.cache_dir = "~/.cache/covjax/toy"  # warm starts, shared by runs; "" = no cache
     c.data.toy.eval_samples = 16  # responses per target for val/toy/accuracy
 
