@@ -3,11 +3,11 @@
 Reads what the trainer writes into a workdir (docs/metrics.md): metrics.jsonl
 (one JSON object per step) and cov/step_{step:06d}.npy (the per-token covariances, Eq. 10, of the
 valid tokens of the step's batch, from the rollout policy's log-probs, centred per mini-batch).
-NumPy and matplotlib only; no JAX, so it runs anywhere.
+NumPy, SciPy and matplotlib only; no JAX, so it runs anywhere.
 
 The entropy-performance law (ALGORITHMS.md section 1): R = -a * exp(H) + b, with the predicted
-ceiling R(H=0) = b - a. Given exp(H) the model is linear in (a, b), so ordinary least squares on
-the design [-exp(H), 1] is the exact least-squares fit (no iterative optimiser needed).
+ceiling R(H=0) = b - a. Given exp(H) the model is linear in (a, b), so SciPy's linear least
+squares on the design [-exp(H), 1] is the exact least-squares fit (no iterative optimiser needed).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import scipy.linalg  # noqa: E402
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -201,7 +202,7 @@ def fit_law(entropy: np.ndarray, accuracy: np.ndarray) -> LawFit:
         raise ValueError(f"the law needs at least 2 distinct entropies, got {len(entropy)} points "
                          f"with {len(np.unique(entropy))} distinct")
     design = np.stack([-np.exp(entropy), np.ones_like(entropy)], axis=1)
-    (a, b), *_ = np.linalg.lstsq(design, accuracy, rcond=None)
+    (a, b), *_ = scipy.linalg.lstsq(design, accuracy)
     fit = LawFit(a=float(a), b=float(b), r2=math.nan, num_points=len(entropy))
     return dataclasses.replace(fit, r2=r_squared(accuracy, fit.predict(entropy)))
 
