@@ -222,9 +222,14 @@ def _type_ok(value: Any, default: Any) -> bool:
     return isinstance(value, type(default))
 
 
+def flat_schema() -> dict[str, Any]:
+    """Every config key as a dotted path ("loss.method"), with its default."""
+    return _flatten(base_config().to_dict())
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the key on an unknown/missing key, a wrong type or a bad value."""
-    schema = _flatten(base_config().to_dict())
+    schema = flat_schema()
     values = _flatten(config.to_dict())
     unknown = sorted(set(values) - set(schema))
     if unknown:
@@ -287,6 +292,45 @@ def _validate_relations(c: ml_collections.ConfigDict) -> None:
     for name, path in split_named_files(c.data.eval_files).items():
         if not os.path.exists(os.path.expanduser(path)):
             raise FileNotFoundError(f"config.data.eval_files: {name}={path!r} does not exist")
+
+
+# Keys a resumed run may change: how the run is executed, not what it computes. Its parameters,
+# optimizer state and data position come from the checkpoint; the mesh, the micro-batch split and
+# the remat policy change the memory and the summation order, not the experiment.
+RESUME_MAY_CHANGE = (
+    "train.steps",
+    "train.checkpoint_interval",
+    "train.eval_interval",
+    "train.log_interval",
+    "train.cov_dump_interval",
+    "train.entropy_check_interval",
+    "train.micro_batch_size",
+    "train.logprob_chunk_size",
+    "mesh.data",
+    "mesh.fsdp",
+    "mesh.tensor",
+    "model.remat",
+    "data.toy.cache_dir",
+)
+
+
+def check_resume(saved: Mapping[str, Any], config: ml_collections.ConfigDict, source: str) -> None:
+    """Raises ValueError naming every key outside RESUME_MAY_CHANGE whose value differs between
+    the config a checkpointed run was started with (`saved`, read from `source`) and `config`, so
+    a reused workdir never continues one experiment under another's settings. Keys that only one
+    of them has (a config written by another covjax version) are not compared."""
+    old, new = _flatten(saved), _flatten(json.loads(to_json(config)))  # as config.json holds it
+    changed = [
+        f"config.{key}: {old[key]!r} -> {new[key]!r}"
+        for key in sorted(old.keys() & new.keys())
+        if key not in RESUME_MAY_CHANGE and old[key] != new[key]
+    ]
+    if changed:
+        raise ValueError(
+            f"{source} holds a checkpointed run of another config ({'; '.join(changed)}): "
+            "resume it with the config it was started with (only "
+            f"{', '.join(RESUME_MAY_CHANGE)} may change), or pass a new --workdir"
+        )
 
 
 def split_files(spec: str) -> list[str]:

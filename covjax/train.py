@@ -15,18 +15,44 @@ jax.distributed, found from the Cloud TPU metadata or SLURM, or given explicitly
 
 from __future__ import annotations
 
+import difflib
 import logging as pylogging
 import os
+import signal
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from covjax import config as config_lib
 from covjax import sharding, trainer
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(_REPO_ROOT, "configs", "default.py")
+
+
+def _unknown_config_keys(argv: list[str]) -> list[str]:
+    """The --config.KEY overrides in argv whose KEY is not in the schema (config.base_config),
+    each with the closest known key when there is one."""
+    known = list(config_lib.flat_schema())
+    unknown = []
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config."):].partition("=")[0]
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean config.{close[0]}?)" if close else ""
+            unknown.append(f"config.{key}{hint}")
+    return unknown
+
+
+if __name__ == "__main__":  # ml_collections would stop on these with a traceback
+    if _unknown := _unknown_config_keys(sys.argv):
+        sys.exit(f"FATAL Flags parsing error: {'; '.join(_unknown)}: not a known config key "
+                 "(every key with its default and range: covjax/config.py)")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", DEFAULT_CONFIG, "Config file (configs/*.py), optionally with ':arg' (e.g. ':smoke').",
@@ -68,7 +94,12 @@ def main(argv: list[str]) -> None:
         )
     workdir = _WORKDIR.value or trainer.default_workdir(_config_name())
     logging.info("workdir: %s", workdir)
-    trainer.train(_CONFIG.value, workdir)
+    try:
+        trainer.train(_CONFIG.value, workdir)
+    except trainer.StoppedBySignal as stopped:
+        # exit as a process killed by the signal would, so `train && eval` does not go on
+        logging.warning("%s", stopped)
+        sys.exit(128 + (stopped.signum or signal.SIGTERM))
 
 
 if __name__ == "__main__":

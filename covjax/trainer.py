@@ -534,11 +534,24 @@ def _prompt_buckets(max_prompt_length: int) -> tuple[int, ...]:
     return tuple(sorted(buckets))
 
 
+class StoppedBySignal(Exception):
+    """The run stopped before its last step on SIGTERM/SIGINT, with a checkpoint of `steps_done`
+    steps; the same command resumes it. `signum`: the signal this process got (None when another
+    process of a multi-process run got it)."""
+
+    def __init__(self, steps_done: int, signum: int | None):
+        super().__init__(f"stopped by a signal after {steps_done} steps (checkpoint saved; the "
+                         "same command resumes the run)")
+        self.steps_done = steps_done
+        self.signum = signum
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT; the loop checkpoints at the next step boundary and exits."""
 
     def __init__(self):
         self.set = False
+        self.signum: int | None = None
         self._previous = {}
 
     def __enter__(self) -> StopFlag:
@@ -549,6 +562,7 @@ class StopFlag:
     def _handle(self, signum, frame) -> None:
         logging.warning("signal %d: checkpointing at the end of this step, then exiting", signum)
         self.set = True
+        self.signum = signum
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -561,7 +575,10 @@ class StopFlag:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
-    """Runs (or resumes) the RL job of `config` in `workdir`; returns the metric records."""
+    """Runs (or resumes) the RL job of `config` in `workdir`; returns the metric records of the
+    steps it ran ([] when the workdir already holds the finished run). Raises StoppedBySignal
+    after checkpointing when SIGTERM/SIGINT stopped it early, and ValueError when the workdir
+    holds a checkpointed run of another config (config.check_resume)."""
     config_lib.validate(config)  # before anything is created or compiled
     if "://" in str(workdir):
         raise ValueError(
@@ -578,15 +595,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
         )
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config_lib.to_json(config))
-
-    model, tokenizer = build_model(config, mesh)
     manager = ocp.CheckpointManager(
         workdir / "checkpoints",
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
         item_names=("state", "meta"),
     )
+    saved_config = workdir / "config.json"
+    if manager.latest_step() is not None and saved_config.exists():
+        config_lib.check_resume(json.loads(saved_config.read_text()), config, str(saved_config))
+    if jax.process_index() == 0:
+        saved_config.write_text(config_lib.to_json(config))
+
+    model, tokenizer = build_model(config, mesh)
     if config.data.task == "toy":
         if manager.latest_step() is None and config.data.toy.warm_start_steps > 0:
             toy_warm_start(config, model)
@@ -646,6 +666,12 @@ def _train(config, workdir: Path, mesh, model, tokenizer, manager) -> list[dict[
         state, ref_params = restored.state["train"], restored.state["ref"]
         task.restore(restored.meta["task"])
         start_step = int(restored.meta["step"])
+        if start_step >= config.train.steps and (workdir / "hf_final").exists():
+            logging.info("%s already holds the %d finished steps of this run and hf_final; nothing "
+                         "to do (a larger --config.train.steps goes on from there)", workdir,
+                         start_step)
+            manager.close()
+            return []
         logging.info("resumed from %s at step %d", workdir / "checkpoints", start_step)
     nnx.update(model, state.params)
 
@@ -697,7 +723,8 @@ def _train(config, workdir: Path, mesh, model, tokenizer, manager) -> list[dict[
     stopping = False
     with StopFlag() as stop, tqdm.trange(
         start_step, config.train.steps, initial=start_step, total=config.train.steps,
-        desc="rl", dynamic_ncols=True, disable=jax.process_index() != 0,
+        desc="rl", dynamic_ncols=True,
+        disable=True if jax.process_index() != 0 else None,  # None: off unless a terminal
     ) as bar:
         for step in bar:
             t_step = time.perf_counter()
@@ -735,7 +762,6 @@ def _train(config, workdir: Path, mesh, model, tokenizer, manager) -> list[dict[
             ):
                 save(done)
             if stopping:
-                logging.warning("stopped by signal after step %d (checkpoint saved)", step)
                 break
 
     finished = not stopping
@@ -756,6 +782,8 @@ def _train(config, workdir: Path, mesh, model, tokenizer, manager) -> list[dict[
                  len(compiled))
     if jax.process_index() == 0:
         print(summary_table(records), flush=True)
+    if stopping:
+        raise StoppedBySignal(done, stop.signum)
     return records
 
 

@@ -195,3 +195,25 @@ def test_named_eval_files_parse():
                                                                       "b": "y.jsonl"}
     with pytest.raises(ValueError, match="'x.parquet' is not name=path"):
         config_lib.split_named_files("x.parquet")
+
+
+def test_resume_refuses_a_changed_experiment_and_names_every_change():
+    saved = json.loads(config_lib.to_json(load("default")))
+    config_lib.check_resume(saved, load("default"), "run/config.json")  # the same config
+    go_on = load("default")
+    go_on.train.steps, go_on.mesh.fsdp, go_on.train.micro_batch_size = 600, 2, 64
+    config_lib.check_resume(saved, go_on, "run/config.json")  # run longer, on another mesh
+    other = load("toy_kl_cov", "hard")
+    other.seed = 3
+    with pytest.raises(ValueError) as error:
+        config_lib.check_resume(saved, other, "run/config.json")
+    message = str(error.value)
+    assert message.startswith("run/config.json holds a checkpointed run of another config")
+    for change in ("config.loss.method: 'clip_cov' -> 'kl_cov'", "config.seed: 0 -> 3",
+                   "config.data.toy.variant: 'easy' -> 'hard'"):
+        assert change in message
+    assert "config.train.steps" not in message.split(": resume")[0]
+    older = dict(saved, loss={k: v for k, v in saved["loss"].items() if k != "method"})
+    kl_cov = load("default")
+    kl_cov.loss.method = "kl_cov"
+    config_lib.check_resume(older, kl_cov, "run/config.json")  # a key it lacks is not compared

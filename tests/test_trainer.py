@@ -8,8 +8,11 @@ import json
 import math
 import os
 import pathlib
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -105,6 +108,42 @@ def test_resume_is_exact(straight, tmp_path):
         np.testing.assert_array_equal(wa[name], wb[name])
 
 
+def test_sigterm_checkpoints_the_step_exits_143_and_the_same_command_resumes(tmp_path):
+    workdir = tmp_path / "stopped"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "covjax.train", SMOKE, f"--workdir={workdir}",
+         "--config.train.steps=200"],  # about 0.1 s a step: the signal comes long before the end
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics, deadline = workdir / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().strip()):  # the loop has begun
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    done = len(records(workdir))
+    assert f"stopped by a signal after {done} steps (checkpoint saved" in stderr
+    assert 1 <= done < 200 and max(int(p) for p in os.listdir(workdir / "checkpoints")) == done
+    train(workdir, f"--config.train.steps={done + 2}")  # the same command, two steps longer
+    assert [r["step"] for r in records(workdir)] == list(range(done + 3))  # + final evaluation
+
+
+def test_a_reused_workdir_refuses_another_experiment(straight, tmp_path):
+    workdir, _ = straight
+    reused = tmp_path / "reused"
+    shutil.copytree(workdir, reused)
+    kept = {name: (reused / name).read_bytes() for name in ("config.json", "metrics.jsonl")}
+    result = train(reused)  # the finished run, again
+    assert "already holds the 4 finished steps of this run" in result.stderr
+    assert {name: (reused / name).read_bytes() for name in kept} == kept
+    result = train(reused, "--config.loss.method=kl_cov", "--config.seed=3", check=False)
+    assert result.returncode != 0
+    assert "holds a checkpointed run of another config" in result.stderr
+    assert "config.loss.method: 'clip_cov' -> 'kl_cov'; config.seed: 0 -> 3" in result.stderr
+    assert {name: (reused / name).read_bytes() for name in kept} == kept  # nothing rewritten
+
+
 @pytest.mark.parametrize(
     "flag, message",
     [
@@ -112,7 +151,10 @@ def test_resume_is_exact(straight, tmp_path):
          "config.loss.clip_cov_ratio=2.0 is out of range (0, 1]"),
         ("--config.train.micro_batch_size=3", "config.train.micro_batch_size=3 does not divide"),
         ("--config.train.steps=abc", "train.steps"),
-        ("--config.loss.clip_cov_ration=0.1", "clip_cov_ration"),
+        ("--config.loss.clip_cov_ration=0.1", "FATAL Flags parsing error: "
+         "config.loss.clip_cov_ration (did you mean config.loss.clip_cov_ratio?): not a known "
+         "config key"),
+        ("--config.foo=1", "FATAL Flags parsing error: config.foo: not a known config key"),
     ],
 )
 def test_bad_config_stops_before_anything_is_written(tmp_path, flag, message):
