@@ -183,6 +183,12 @@ def load_prompts(
         raise ValueError(f"max_prompt_length must be an int >= 1, got {max_prompt_length!r}")
     if not (isinstance(max_malformed_frac, numbers.Real) and 0 <= max_malformed_frac <= 1):
         raise ValueError(f"max_malformed_frac must be in [0, 1], got {max_malformed_frac!r}")
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"the tokenizer {tokenizer.name_or_path or type(tokenizer).__name__} has no chat "
+            "template, which renders every prompt: use the folder of an instruct/chat model's "
+            "tokenizer (config.model.tokenizer_path in training, --tokenizer in covjax.eval)"
+        )
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")

@@ -501,17 +501,26 @@ def make_mesh(config) -> jax.sharding.Mesh:
     return sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
 
 
-def build_model(config, mesh) -> tuple[Transformer, Any]:
-    """(model, tokenizer): a local Hugging Face folder, loaded onto `mesh`; or the toy's fresh
-    tiny model, on this process's default device (the trainer warm-starts, then shards it)."""
+def load_task(config) -> ToyTask | MathTask:
+    """The task with its tokenizer and data (a local folder's tokenizer and the data files, read
+    and checked here, before the trainer loads the model's weights)."""
+    if config.data.task == "toy":
+        return ToyTask(config)
+    from covjax.model import load_tokenizer
+
+    m = config.model
+    return MathTask(config, load_tokenizer(os.path.expanduser(m.tokenizer_path or m.path)))
+
+
+def build_model(config, mesh) -> Transformer:
+    """A local Hugging Face folder, loaded onto `mesh`; or the toy's fresh tiny model, on this
+    process's default device (the trainer warm-starts, then shards it)."""
     m = config.model
     if config.data.task == "toy":
         model_cfg = toy.model_config(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype)
         model_cfg = model_cfg.replace(remat=m.remat, scan_layers=m.scan_layers)
-        return Transformer(model_cfg, rngs=nnx.Rngs(config.seed)), toy.build_tokenizer()
-    from covjax.model import load_tokenizer
-
-    model = from_pretrained(
+        return Transformer(model_cfg, rngs=nnx.Rngs(config.seed))
+    return from_pretrained(
         os.path.expanduser(m.path),
         dtype=jnp.dtype(m.param_dtype),
         mesh=mesh,
@@ -519,7 +528,6 @@ def build_model(config, mesh) -> tuple[Transformer, Any]:
         remat=m.remat,
         scan_layers=m.scan_layers,
     )
-    return model, load_tokenizer(os.path.expanduser(m.tokenizer_path or m.path))
 
 
 def _prompt_buckets(max_prompt_length: int) -> tuple[int, ...]:
@@ -606,13 +614,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
     if jax.process_index() == 0:
         saved_config.write_text(config_lib.to_json(config))
 
-    model, tokenizer = build_model(config, mesh)
+    task = load_task(config)
+    model = build_model(config, mesh)
     if config.data.task == "toy":
         if manager.latest_step() is None and config.data.toy.warm_start_steps > 0:
             toy_warm_start(config, model)
         sharding.shard_model(model, mesh)
     with jax.set_mesh(mesh):
-        return _train(config, workdir, mesh, model, tokenizer, manager)
+        return _train(config, workdir, mesh, model, task, manager)
 
 
 def toy_warm_start(config, model: Transformer) -> None:
@@ -633,8 +642,7 @@ def toy_warm_start(config, model: Transformer) -> None:
                  time.perf_counter() - t0)
 
 
-def _train(config, workdir: Path, mesh, model, tokenizer, manager) -> list[dict[str, Any]]:
-    task = ToyTask(config) if config.data.task == "toy" else MathTask(config, tokenizer)
+def _train(config, workdir: Path, mesh, model, task, manager) -> list[dict[str, Any]]:
     cfg = train_step.StepConfig.from_config(config)
     tx, schedule = train_step.make_optimizer(
         config.optim.lr, config.optim.weight_decay, config.optim.grad_clip,
@@ -774,10 +782,10 @@ def _train(config, workdir: Path, mesh, model, tokenizer, manager) -> list[dict[
     manager.close()
     writer.close()
     if finished:
-        save_pretrained(model, str(workdir / "hf_final"), tokenizer=tokenizer)  # process 0 writes
+        save_pretrained(model, str(workdir / "hf_final"), tokenizer=task.tokenizer)  # process 0
         if config.data.task == "toy" and jax.process_index() == 0:
             # beside a qwen2 config.json, AutoTokenizer would load Qwen2's own tokenizer
-            tokenizer.save_pretrained(str(workdir / "tokenizer"))
+            task.tokenizer.save_pretrained(str(workdir / "tokenizer"))
     logging.info("compilations: sampler %d, update/log-prob shapes %d", sampler.num_compilations,
                  len(compiled))
     if jax.process_index() == 0:

@@ -195,6 +195,11 @@ def test_unreadable_files_and_bad_arguments_are_named(tmp_path, tokenizer):
     loader = data.PromptLoader(data.load_prompts(good, tok), 2, seed=0)
     with pytest.raises(ValueError, match="lacks 'epoch' or 'position'"):
         loader.restore({"epoch": 1})
+    base, _ = make_tokenizer(WORDS)
+    base.chat_template = None  # a base model's tokenizer
+    base.name_or_path = "/models/base"
+    with pytest.raises(ValueError, match="the tokenizer /models/base has no chat template"):
+        data.load_prompts(good, base)
 
 
 def test_nan_answer_is_malformed(tmp_path, tokenizer):

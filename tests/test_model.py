@@ -444,6 +444,9 @@ def test_bad_inputs_are_named(hf_dirs, tmp_path):
     (not_st / "model.safetensors").write_bytes(b"abc")
     with pytest.raises(ValueError, match=r"not_safetensors.model\.safetensors is not a"):
         from_pretrained(not_st)
+    (not_st / "model.safetensors").write_bytes(b"not a safetensors file")  # 8 bytes: a length
+    with pytest.raises(ValueError, match=r"is not a safetensors file: its header length \d+ exc"):
+        from_pretrained(not_st)
     no_map = folder("no_weight_map", config, tensors=False)
     (no_map / "model.safetensors.index.json").write_text('{"metadata": {}}')
     with pytest.raises(ValueError, match="index.json has no 'weight_map'"):

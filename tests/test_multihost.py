@@ -53,7 +53,7 @@ TX = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(LR))
 def model():
     """The toy's model as the trainer builds it: embed 64 splits over fsdp, its 4 heads, 2 kv
     heads and mlp 160 over tensor (vocab 61 stays replicated)."""
-    return trainer.build_model(SMOKE, None)[0]
+    return trainer.build_model(SMOKE, None)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def _warm_start_cache(cache_dir) -> None:
     config = SMOKE.copy_and_resolve_references()
     config.data.toy.warm_start_steps = WARM_START_STEPS
     config.data.toy.cache_dir = str(cache_dir)
-    trainer.toy_warm_start(config, trainer.build_model(config, None)[0])
+    trainer.toy_warm_start(config, trainer.build_model(config, None))
 
 
 @pytest.fixture(scope="module")

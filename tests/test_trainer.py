@@ -203,6 +203,21 @@ def test_paper_recipe_smoke_on_a_tiny_local_model(tmp_path):
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf_final")
     assert reloaded.config.num_hidden_layers == 2
+    # bad data is named before the weights are read: here they could not be
+    broken = tmp_path / "broken_model"
+    shutil.copytree(tmp_path / "model", broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    no_answers = write_jsonl(tmp_path / "no_answers.jsonl", rows[:3] + [{"problem": "Solve x"}])
+    result = train(
+        tmp_path / "bad_data_run",
+        f"--config.model.path={broken}",
+        f"--config.model.tokenizer_path={tmp_path / 'tokenizer'}",
+        f"--config.data.train_files={no_answers}",
+        config="--config=configs/qwen2_5_7b_clip_cov.py:smoke",
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "no_answers.jsonl" in result.stderr and "field 'answer' is missing" in result.stderr
 
 
 class _FakeSampler:

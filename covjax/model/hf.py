@@ -54,6 +54,8 @@ class _SafetensorsFile:
         try:
             with open(path, "rb") as f:
                 (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > os.path.getsize(path) - 8:
+                    raise ValueError(f"its header length {header_len} exceeds the file")
                 header = json.loads(f.read(header_len))
         except (struct.error, ValueError) as e:  # too short, or a header that is not JSON
             raise ValueError(f"{path} is not a safetensors file: {e}") from e
