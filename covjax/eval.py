@@ -199,15 +199,16 @@ def parse_data_flag(spec: str) -> dict[str, str]:
 
 def resolve_checkpoint(workdir: str) -> str:
     """The Hugging Face folder of a trainer workdir: hf_final, else the latest hf_step_<step>."""
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"--checkpoint={workdir} is not a directory")
     final = os.path.join(workdir, "hf_final")
     if os.path.isdir(final):
         return final
     steps = {}
-    if os.path.isdir(workdir):
-        for entry in os.listdir(workdir):
-            match = re.fullmatch(r"hf_step_(\d+)", entry)
-            if match and os.path.isdir(os.path.join(workdir, entry)):
-                steps[int(match.group(1))] = os.path.join(workdir, entry)
+    for entry in os.listdir(workdir):
+        match = re.fullmatch(r"hf_step_(\d+)", entry)
+        if match and os.path.isdir(os.path.join(workdir, entry)):
+            steps[int(match.group(1))] = os.path.join(workdir, entry)
     if not steps:
         raise FileNotFoundError(f"--checkpoint={workdir}: no hf_final or hf_step_* folder in it")
     return steps[max(steps)]
@@ -235,6 +236,8 @@ def main(argv: Sequence[str]) -> None:
     if bool(f.model) == bool(f.checkpoint):
         raise ValueError("give exactly one of --model=HF_DIR or --checkpoint=WORKDIR")
     data_files = parse_data_flag(f.data)  # a bad --data fails before anything is loaded
+    if f.model and not os.path.isdir(f.model):
+        raise FileNotFoundError(f"--model={f.model} is not a directory")
     model_dir = f.model or resolve_checkpoint(f.checkpoint)
     output_dir = f.output_dir or (
         os.path.join(f.checkpoint, "eval", os.path.basename(model_dir))

@@ -601,6 +601,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
             f"{config.train.mini_batch_prompts * config.rollout.n} rows per mini-batch do not "
             f"split over the {shards} batch shards of config.mesh (data x fsdp)"
         )
+    task = load_task(config)  # bad data fails here, before anything is written
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     manager = ocp.CheckpointManager(
@@ -614,7 +615,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
     if jax.process_index() == 0:
         saved_config.write_text(config_lib.to_json(config))
 
-    task = load_task(config)
     model = build_model(config, mesh)
     if config.data.task == "toy":
         if manager.latest_step() is None and config.data.toy.warm_start_steps > 0:

@@ -159,8 +159,20 @@ def test_checkpoint_resolution_and_flags(tmp_path):
     assert covjax_eval.resolve_checkpoint(str(tmp_path)) == str(tmp_path / "hf_step_20")
     os.makedirs(tmp_path / "hf_final")
     assert covjax_eval.resolve_checkpoint(str(tmp_path)) == str(tmp_path / "hf_final")
-    with pytest.raises(FileNotFoundError, match="empty_workdir"):
+    with pytest.raises(FileNotFoundError, match="empty_workdir is not a directory"):
         covjax_eval.resolve_checkpoint(str(tmp_path / "empty_workdir"))
+    os.makedirs(tmp_path / "no_models")
+    with pytest.raises(FileNotFoundError, match="no_models: no hf_final or hf_step_"):
+        covjax_eval.resolve_checkpoint(str(tmp_path / "no_models"))
+    result = subprocess.run(
+        [sys.executable, "-m", "covjax.eval", f"--model={tmp_path / 'nowhere'}",
+         f"--data=math500={tmp_path / 'math500.jsonl'}"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0 and f"--model={tmp_path / 'nowhere'} is not a directory" in (
+        result.stderr
+    )
     assert covjax_eval.parse_data_flag("math500=a.jsonl, aime24=b.parquet") == {
         "math500": "a.jsonl",
         "aime24": "b.parquet",

@@ -203,7 +203,8 @@ def test_paper_recipe_smoke_on_a_tiny_local_model(tmp_path):
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf_final")
     assert reloaded.config.num_hidden_layers == 2
-    # bad data is named before the weights are read: here they could not be
+    # bad data is named before anything is written or the weights are read (here they could not
+    # be)
     broken = tmp_path / "broken_model"
     shutil.copytree(tmp_path / "model", broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
@@ -218,6 +219,7 @@ def test_paper_recipe_smoke_on_a_tiny_local_model(tmp_path):
     )
     assert result.returncode != 0
     assert "no_answers.jsonl" in result.stderr and "field 'answer' is missing" in result.stderr
+    assert not (tmp_path / "bad_data_run").exists()  # nothing written
 
 
 class _FakeSampler:
