@@ -503,7 +503,8 @@ def summarize_run(name: str, workdir: str, records: Sequence[Record], *, accurac
     _, natural, vanilla, measured = series(
         records, [CHECK_NATURAL_KEY, CHECK_VANILLA_KEY, CHECK_MEASURED_KEY])
     return RunSummary(
-        name=name, num_steps=len(records), initial_entropy=initial_entropy,
+        name=name, num_steps=sum(entropy_key in r for r in records),  # not the final evaluation
+        initial_entropy=initial_entropy,
         final_entropy=final_entropy, final_reward=_first_last(records, reward_key)[1],
         accuracy_key=accuracy_key, fit=fit, binned_fit=binned, extrapolation=extrapolation,
         not_fitted="; ".join(reasons),

@@ -128,8 +128,10 @@ def test_check_agreement():
     assert flipped.sign_agreement == 0.0 and flipped.correlation == pytest.approx(-1.0)
 
 
-def write_run(workdir, *, a=0.3, b=0.9, num_steps=60, seed=0, val=False, check=True):
-    """A fake trainer workdir: metrics.jsonl on the law plus noise, all-agree step 0, cov dumps."""
+def write_run(workdir, *, a=0.3, b=0.9, num_steps=60, seed=0, val=False, check=True,
+              final_eval=False):
+    """A fake trainer workdir: metrics.jsonl on the law plus noise, all-agree step 0, cov dumps;
+    `final_eval`: then the trainer's record of the evaluation after the last step."""
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(workdir, "cov"))
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
@@ -147,6 +149,8 @@ def write_run(workdir, *, a=0.3, b=0.9, num_steps=60, seed=0, val=False, check=T
                                "entropy_check/predicted_vanilla": 0.5 * predicted,
                                "entropy_check/measured": 20 * predicted})
             f.write(json.dumps(record) + "\n")
+        if final_eval:
+            f.write(json.dumps({"step": num_steps, "val/toy/accuracy": b - a}) + "\n")
     for step in (0, 20, 40):
         cov = np.zeros(500) if step == 0 else rng.standard_t(2, size=500) * 0.1
         np.save(os.path.join(workdir, "cov", f"step_{step:06d}.npy"), cov.astype(np.float32))
@@ -227,7 +231,7 @@ def run_analyze(*args):
 def test_analyze_cli_end_to_end(tmp_path):
     """Two fake runs -> figures and summary.md whose numbers are analysis' own on the same data."""
     run_a, run_b, out = (str(tmp_path / n) for n in ("A", "B", "report"))
-    write_run(run_a, a=0.3, b=0.9, seed=1)
+    write_run(run_a, a=0.3, b=0.9, seed=1, final_eval=True)  # still 60 steps
     write_run(run_b, a=0.2, b=0.8, seed=2, check=False)
     result = run_analyze(f"--workdir={run_a},{run_b}", f"--out={out}", "--fit_fraction=0.6",
                          "--accuracy_key=accuracy/mean")
