@@ -9,6 +9,7 @@ the run with an error that names the key, e.g.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -314,16 +315,36 @@ RESUME_MAY_CHANGE = (
 )
 
 
+def _comparable(flat: dict[str, Any]) -> dict[str, Any]:
+    """The flat config with its local paths resolved ("~/m" and "/home/u/m" are one folder)."""
+    def resolve(path: str) -> str:
+        return os.path.realpath(os.path.expanduser(path)) if path else path
+
+    out = dict(flat)
+    for key in ("model.path", "model.tokenizer_path"):
+        if isinstance(out.get(key), str):
+            out[key] = resolve(out[key])
+    if isinstance(out.get("data.train_files"), str):
+        out["data.train_files"] = [resolve(p) for p in split_files(out["data.train_files"])]
+    if isinstance(out.get("data.eval_files"), str):
+        named = split_named_files(out["data.eval_files"])
+        out["data.eval_files"] = {name: resolve(p) for name, p in named.items()}
+    return out
+
+
 def check_resume(saved: Mapping[str, Any], config: ml_collections.ConfigDict, source: str) -> None:
     """Raises ValueError naming every key outside RESUME_MAY_CHANGE whose value differs between
     the config a checkpointed run was started with (`saved`, read from `source`) and `config`, so
-    a reused workdir never continues one experiment under another's settings. Keys that only one
-    of them has (a config written by another covjax version) are not compared."""
-    old, new = _flatten(saved), _flatten(json.loads(to_json(config)))  # as config.json holds it
+    a reused workdir never continues one experiment under another's settings. Local paths are
+    compared resolved; keys that only one of them has (a config written by another covjax
+    version) are not compared."""
+    old = _flatten(saved)
+    new = _flatten(json.loads(to_json(config)))  # as config.json holds it
+    old_cmp, new_cmp = _comparable(old), _comparable(new)
     changed = [
         f"config.{key}: {old[key]!r} -> {new[key]!r}"
         for key in sorted(old.keys() & new.keys())
-        if key not in RESUME_MAY_CHANGE and old[key] != new[key]
+        if key not in RESUME_MAY_CHANGE and old_cmp[key] != new_cmp[key]
     ]
     if changed:
         raise ValueError(
@@ -331,6 +352,25 @@ def check_resume(saved: Mapping[str, Any], config: ml_collections.ConfigDict, so
             "resume it with the config it was started with (only "
             f"{', '.join(RESUME_MAY_CHANGE)} may change), or pass a new --workdir"
         )
+
+
+def unknown_override_keys(argv: list[str]) -> list[str]:
+    """The ``--config.KEY`` overrides of a command line (up to ``--``) whose KEY is not in the
+    schema, each with the closest known key when there is one: "config.loss.methd (did you mean
+    config.loss.method?)"."""
+    known = list(flat_schema())
+    unknown = []
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config."):].partition("=")[0]
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean config.{close[0]}?)" if close else ""
+            unknown.append(f"config.{key}{hint}")
+    return unknown
 
 
 def split_files(spec: str) -> list[str]:

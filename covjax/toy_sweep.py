@@ -223,7 +223,7 @@ def summarize(name: str, workdir: str, *, final_window: int = 20, val_bin_steps:
     _, accuracy = analysis.series(records, [ACCURACY_KEY])
     extrapolation = val.extrapolation
     return RunRow(
-        name=name, variant=variant, method=method, seed=seed, num_steps=len(rl_records),
+        name=name, variant=variant, method=method, seed=seed, num_steps=val.num_steps,
         initial_entropy=val.initial_entropy,
         final_entropy=_tail_mean(rl_records, analysis.ENTROPY_KEY, final_window),
         final_reward=_tail_mean(rl_records, analysis.REWARD_KEY, final_window),

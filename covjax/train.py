@@ -3,7 +3,9 @@
     python -m covjax.train [--config=configs/X.py[:arg]] [--config.key=value ...] [--workdir=DIR]
 
 Without --config it runs configs/default.py, the embedded toy with Clip-Cov. The workdir defaults
-to runs/<config name>_<timestamp>; an existing workdir with checkpoints is resumed.
+to runs/<config name>_<timestamp>; an existing workdir with checkpoints is resumed (with the
+config it was started with: config.check_resume names what may change). SIGTERM or SIGINT
+checkpoints the step in progress and exits with status 128 + the signal.
 
 Several processes (TPU pod hosts, GPU nodes) run the same command; they join through
 jax.distributed, found from the Cloud TPU metadata or SLURM, or given explicitly:
@@ -15,7 +17,6 @@ jax.distributed, found from the Cloud TPU metadata or SLURM, or given explicitly
 
 from __future__ import annotations
 
-import difflib
 import logging as pylogging
 import os
 import signal
@@ -32,25 +33,10 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(_REPO_ROOT, "configs", "default.py")
 
-
-def _unknown_config_keys(argv: list[str]) -> list[str]:
-    """The --config.KEY overrides in argv whose KEY is not in the schema (config.base_config),
-    each with the closest known key when there is one."""
-    known = list(config_lib.flat_schema())
-    unknown = []
-    for arg in argv[1:]:
-        if not arg.startswith("--config."):
-            continue
-        key = arg[len("--config."):].partition("=")[0]
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean config.{close[0]}?)" if close else ""
-            unknown.append(f"config.{key}{hint}")
-    return unknown
-
-
-if __name__ == "__main__":  # ml_collections would stop on these with a traceback
-    if _unknown := _unknown_config_keys(sys.argv):
+# Here, not beside app.run below: ml_collections applies the overrides of the default config as
+# the flag is defined, and stops on an unknown key with a traceback.
+if __name__ == "__main__":
+    if _unknown := config_lib.unknown_override_keys(sys.argv):
         sys.exit(f"FATAL Flags parsing error: {'; '.join(_unknown)}: not a known config key "
                  "(every key with its default and range: covjax/config.py)")
 
@@ -59,7 +45,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Output folder (default runs/<config name>_<timestamp>); resumed if it exists."
+    "workdir", None,
+    "Output folder (default runs/<config name>_<timestamp>); a run of the same config in it is "
+    "resumed, one of another config refused.",
 )
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,

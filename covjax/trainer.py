@@ -3,11 +3,12 @@
     prompts -> sampler.generate -> rewards -> advantages -> dynamic-sampling filter (refill up to
     rollout.max_gen_rounds) -> old log-probs (one no-grad forward, training numerics)
     -> for each mini-batch: train_step.update (selection pre-pass, micro-batches, AdamW)
-    -> metrics (metrics.jsonl + TensorBoard) -> orbax checkpoint every N steps and on SIGTERM
+    -> metrics (metrics.jsonl + TensorBoard) -> orbax checkpoint every N steps and on SIGTERM/SIGINT
 
 Everything a step needs is derived from (seed, step) and the data position, which are
 checkpointed with the parameters and the optimizer state, so a resumed run repeats exactly what
-an uninterrupted one would have done.
+an uninterrupted one would have done (bit for bit on the same mesh, micro-batch size and remat
+policy, which config.check_resume lets a resumed run change).
 Metric "step" is the 0-based index of the RL step; checkpoints are numbered by completed steps.
 
 Several processes (jax.distributed, one mesh over all their devices) run this same loop:
@@ -543,8 +544,9 @@ def _prompt_buckets(max_prompt_length: int) -> tuple[int, ...]:
 
 
 class StoppedBySignal(Exception):
-    """The run stopped before its last step on SIGTERM/SIGINT, with a checkpoint of `steps_done`
-    steps; the same command resumes it. `signum`: the signal this process got (None when another
+    """The run stopped on SIGTERM/SIGINT before it finished (the last step included: then without
+    the final evaluation and hf_final), with a checkpoint of `steps_done` steps; the same command
+    resumes it. `signum`: the signal this process got (None when another
     process of a multi-process run got it)."""
 
     def __init__(self, steps_done: int, signum: int | None):
@@ -584,9 +586,9 @@ class StopFlag:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """Runs (or resumes) the RL job of `config` in `workdir`; returns the metric records of the
-    steps it ran ([] when the workdir already holds the finished run). Raises StoppedBySignal
-    after checkpointing when SIGTERM/SIGINT stopped it early, and ValueError when the workdir
-    holds a checkpointed run of another config (config.check_resume)."""
+    steps it ran and of the final evaluation. Raises StoppedBySignal after checkpointing when
+    SIGTERM/SIGINT stopped it before the end, and ValueError when the workdir holds a
+    checkpointed run of another config (config.check_resume)."""
     config_lib.validate(config)  # before anything is created or compiled
     if "://" in str(workdir):
         raise ValueError(
@@ -612,8 +614,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
     saved_config = workdir / "config.json"
     if manager.latest_step() is not None and saved_config.exists():
         config_lib.check_resume(json.loads(saved_config.read_text()), config, str(saved_config))
-    if jax.process_index() == 0:
-        saved_config.write_text(config_lib.to_json(config))
+    if jax.process_index() == 0:  # whole or not at all: the other processes may be reading it
+        partial = workdir / "config.json.partial"
+        partial.write_text(config_lib.to_json(config))
+        os.replace(partial, saved_config)
 
     model = build_model(config, mesh)
     if config.data.task == "toy":
@@ -674,13 +678,10 @@ def _train(config, workdir: Path, mesh, model, task, manager) -> list[dict[str, 
         state, ref_params = restored.state["train"], restored.state["ref"]
         task.restore(restored.meta["task"])
         start_step = int(restored.meta["step"])
-        if start_step >= config.train.steps and (workdir / "hf_final").exists():
-            logging.info("%s already holds the %d finished steps of this run and hf_final; nothing "
-                         "to do (a larger --config.train.steps goes on from there)", workdir,
-                         start_step)
-            manager.close()
-            return []
         logging.info("resumed from %s at step %d", workdir / "checkpoints", start_step)
+        if start_step >= config.train.steps:
+            logging.info("all %d steps are done: the final evaluation and hf_final are made again "
+                         "(a larger --config.train.steps goes on training)", config.train.steps)
     nnx.update(model, state.params)
 
     def save(step: int) -> None:

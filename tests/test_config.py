@@ -204,7 +204,7 @@ def test_resume_refuses_a_changed_experiment_and_names_every_change():
     go_on.train.steps, go_on.mesh.fsdp, go_on.train.micro_batch_size = 600, 2, 64
     config_lib.check_resume(saved, go_on, "run/config.json")  # run longer, on another mesh
     other = load("toy_kl_cov", "hard")
-    other.seed = 3
+    other.seed, other.train.steps = 3, 600
     with pytest.raises(ValueError) as error:
         config_lib.check_resume(saved, other, "run/config.json")
     message = str(error.value)
@@ -217,3 +217,31 @@ def test_resume_refuses_a_changed_experiment_and_names_every_change():
     kl_cov = load("default")
     kl_cov.loss.method = "kl_cov"
     config_lib.check_resume(older, kl_cov, "run/config.json")  # a key it lacks is not compared
+
+
+def test_resume_compares_local_paths_resolved(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "d.jsonl").write_text("")
+    saved = load("qwen2_5_7b_grpo")
+    saved.model.path, saved.data.train_files = str(tmp_path / "m"), str(tmp_path / "d.jsonl")
+    saved.data.eval_files = f"math500={tmp_path / 'd.jsonl'}"
+    same = load("qwen2_5_7b_grpo")
+    same.model.path, same.data.train_files = "~/m", "~/d.jsonl"
+    same.data.eval_files = "math500=~/./d.jsonl"
+    config_lib.check_resume(json.loads(config_lib.to_json(saved)), same, "run/config.json")
+    same.data.eval_files = "aime=~/d.jsonl"
+    with pytest.raises(ValueError, match="config.data.eval_files: 'math500="):
+        config_lib.check_resume(json.loads(config_lib.to_json(saved)), same, "run/config.json")
+
+
+def test_every_key_a_resume_may_change_is_a_config_key():
+    assert set(config_lib.RESUME_MAY_CHANGE) <= set(config_lib.flat_schema())
+
+
+def test_unknown_overrides_are_named_with_the_closest_key():
+    argv = ["train.py", "--config=configs/toy_grpo.py:hard", "--config.loss.method", "kl_cov",
+            "--config.mesh.fsdp=-1", "--noconfig.model.scan_layers", "--workdir=x",
+            "--config.loss.methd=kl_cov", "--config.foo=1", "--", "--config.bar=2"]
+    assert config_lib.unknown_override_keys(argv) == [
+        "config.loss.methd (did you mean config.loss.method?)", "config.foo"]

@@ -110,17 +110,20 @@ def test_resume_is_exact(straight, tmp_path):
 
 def test_sigterm_checkpoints_the_step_exits_143_and_the_same_command_resumes(tmp_path):
     workdir = tmp_path / "stopped"
-    run = subprocess.Popen(
-        [sys.executable, "-m", "covjax.train", SMOKE, f"--workdir={workdir}",
-         "--config.train.steps=200"],  # about 0.1 s a step: the signal comes long before the end
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stderr_file:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "covjax.train", SMOKE, f"--workdir={workdir}",
+             "--config.train.steps=200"],  # ~0.1 s a step: the signal comes long before the end
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr_file,
+        )
     metrics, deadline = workdir / "metrics.jsonl", time.monotonic() + 300
     while not (metrics.exists() and metrics.read_text().strip()):  # the loop has begun
         assert run.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     run.send_signal(signal.SIGTERM)
-    _, stderr = run.communicate(timeout=300)
+    run.wait(timeout=300)
+    stderr = log.read_text()
     assert run.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     done = len(records(workdir))
     assert f"stopped by a signal after {done} steps (checkpoint saved" in stderr
@@ -134,8 +137,10 @@ def test_a_reused_workdir_refuses_another_experiment(straight, tmp_path):
     reused = tmp_path / "reused"
     shutil.copytree(workdir, reused)
     kept = {name: (reused / name).read_bytes() for name in ("config.json", "metrics.jsonl")}
-    result = train(reused)  # the finished run, again
-    assert "already holds the 4 finished steps of this run" in result.stderr
+    result = train(reused)  # the finished run, again: its final evaluation is made again
+    assert "all 4 steps are done: the final evaluation and hf_final are made again" in (
+        result.stderr
+    )
     assert {name: (reused / name).read_bytes() for name in kept} == kept
     result = train(reused, "--config.loss.method=kl_cov", "--config.seed=3", check=False)
     assert result.returncode != 0
