@@ -95,6 +95,9 @@ CASES = [
     ("Maybe \\boxed{3} at first.\nAnswer: 5", "5", 1.0),
     ("Answer: 5\nCheck: \\boxed{3}", "5", 0.0),
     ("Answer: \\boxed{\\frac{1}{2}} (checked)", "0.5", 1.0),
+    ("\\boxed{5}\nLet me double check the answer: it is 5", "5", 1.0),  # prose, not a line
+    ("**Answer:** 5", "5", 1.0),
+    ("> Final Answer: $7$", "7", 1.0),
     # ground truth written with $...$ or a box
     (r"\boxed{5}", "$5$", 1.0),
     (r"\boxed{5}", r"\boxed{5}", 1.0),
@@ -147,6 +150,23 @@ def test_timeout_kills_the_stuck_worker_and_keeps_order():
     assert elapsed < limit + 20.0
     # The replacement worker serves later calls.
     assert math_reward.score_batch([r"\boxed{8}"] * 3, ["8"] * 3, num_workers=2) == [1.0] * 3
+
+
+def test_dead_workers_are_replaced_whether_idle_or_starting():
+    pool = math_reward.VerifierPool(2)
+    try:
+        assert pool.check([r"\boxed{1}"] * 2, ["1"] * 2, timeout_s=30.0) == [True, True]
+        pool.workers[0].proc.kill()  # idle and ready: its pipe breaks on the next item
+        pool.workers[0].proc.wait()
+        assert pool.check([r"\boxed{2}", r"\boxed{3}", r"\boxed{4}"], ["2", "3", "5"],
+                          timeout_s=30.0) == [True, True, False]
+        assert pool.num_restarts == 1
+        pool.workers.append(math_reward._Worker(pool.memory_limit_mb))
+        pool.workers[-1].proc.kill()  # dies before it is ready: a failed start, replaced
+        assert pool.check([r"\boxed{6}"] * 3, ["6"] * 3, timeout_s=30.0) == [True] * 3
+        assert pool.num_restarts == 2 and all(w.proc.poll() is None for w in pool.workers)
+    finally:
+        pool.close()
 
 
 def test_batch_order_preserved():

@@ -33,9 +33,13 @@ from pathlib import Path
 
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_MEMORY_LIMIT_MB = 4096
+WORKER_START_TIMEOUT_S = 120.0  # importing math-verify (sympy) takes seconds, not minutes
+MAX_START_FAILURES = 3  # in a row, within one call: then the environment is broken, not a worker
 
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_ANSWER_LINE = re.compile(r"(?i)answer\s*:[ \t]*([^\n]+)")
+# "Answer: ..." at the start of a line (markdown emphasis, quote or heading marks and "Final"
+# allowed), so a later sentence such as "let me check the answer: ..." does not replace a box
+_ANSWER_LINE = re.compile(r"(?im)^[ \t>*#_]*(?:final\s+)?answer\s*:[ \t*_]*([^\n]+)")
 _DELIMITERS = re.compile(r"^[\s$]+|[\s$.]+$")
 
 
@@ -135,28 +139,39 @@ class _Worker:
         )
         self.ready = False
         self.item: int | None = None
-        self.deadline = 0.0
+        self.deadline = time.monotonic() + WORKER_START_TIMEOUT_S  # to be ready; then per item
 
     def fileno(self) -> int:
         return self.proc.stdout.fileno()
 
-    def send(self, item: int, response: str, ground_truth: str, timeout_s: float) -> None:
-        self.proc.stdin.write((json.dumps([response, ground_truth]) + "\n").encode())
-        self.proc.stdin.flush()
+    def send(self, item: int, response: str, ground_truth: str, timeout_s: float) -> bool:
+        """Hands the worker one item; False when it has died (its pipe is broken)."""
+        try:
+            self.proc.stdin.write((json.dumps([response, ground_truth]) + "\n").encode())
+            self.proc.stdin.flush()
+        except OSError:
+            return False
         self.item, self.deadline = item, time.monotonic() + timeout_s
+        return True
 
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait()
         for pipe in (self.proc.stdin, self.proc.stdout):
-            pipe.close()
+            try:
+                pipe.close()
+            except OSError:  # unflushed input to a dead process
+                pass
 
 
 class VerifierPool:
     """Worker processes that run `is_correct` with a hard per-item deadline.
 
-    A worker past its deadline (or one that died) is killed and replaced; its item is False.
-    `num_restarts` counts the replacements. Calls from several threads take turns.
+    A worker past its deadline, or one that died (while checking, idle or starting), is killed
+    and replaced; the item it was checking is False, an item it had not taken goes to another.
+    A worker that is not ready within WORKER_START_TIMEOUT_S counts as a failed start; after
+    MAX_START_FAILURES in a row a call raises RuntimeError. `num_restarts` counts the
+    replacements. Calls from several threads take turns.
     """
 
     def __init__(self, num_workers: int, *, memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB):
@@ -199,34 +214,51 @@ class VerifierPool:
         """Feed idle workers, collect answers, kill and replace workers past their deadline."""
         results = [False] * len(responses)
         pending = collections.deque(range(len(responses)))
+        start_failures = 0
+
+        def failed_start(worker: _Worker) -> None:
+            nonlocal start_failures
+            start_failures += 1
+            if start_failures >= MAX_START_FAILURES:
+                raise RuntimeError(
+                    f"math-verify workers failed to start {start_failures} times in a row (last "
+                    f"exit code {worker.proc.poll()}); check `python -c 'import math_verify'`"
+                )
+            self._replace(worker)
+
         while True:
-            for worker in self.workers:
+            for worker in list(self.workers):
                 if worker.ready and worker.item is None and pending:
                     i = pending.popleft()
-                    worker.send(i, str(responses[i]), str(ground_truths[i]), timeout_s)
+                    if not worker.send(i, str(responses[i]), str(ground_truths[i]), timeout_s):
+                        pending.appendleft(i)  # it died idle: the item goes to another worker
+                        self._replace(worker)
             busy = [w for w in self.workers if w.item is not None]
             if not busy and not pending:
                 return results
             waiting = busy + [w for w in self.workers if not w.ready]
-            wait_s = min((w.deadline for w in busy), default=time.monotonic() + 60.0)
+            wait_s = min(w.deadline for w in waiting)
             readable, _, _ = select.select(waiting, [], [], max(0.0, wait_s - time.monotonic()))
             for worker in readable:
                 line = worker.proc.stdout.readline()
                 if not worker.ready:
-                    if line != b"ready\n":
-                        raise RuntimeError(
-                            f"math-verify worker failed to start (exit code {worker.proc.poll()})"
-                        )
-                    worker.ready = True
-                    continue
-                if line:
+                    if line == b"ready\n":
+                        worker.ready, start_failures = True, 0
+                    else:
+                        failed_start(worker)
+                elif line:
                     results[worker.item] = line == b"true\n"
                     worker.item = None
                 else:
                     self._replace(worker)
             now = time.monotonic()
-            for worker in [w for w in self.workers if w.item is not None and w.deadline <= now]:
-                self._replace(worker)
+            late = [w for w in self.workers if (w.item is not None or not w.ready)
+                    and w.deadline <= now]
+            for worker in late:
+                if worker.ready:
+                    self._replace(worker)
+                else:
+                    failed_start(worker)
 
     def close(self) -> None:
         for worker in self.workers:
