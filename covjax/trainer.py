@@ -783,7 +783,8 @@ def _train(config, workdir: Path, mesh, model, task, manager) -> list[dict[str, 
     manager.close()
     writer.close()
     if finished:
-        save_pretrained(model, str(workdir / "hf_final"), tokenizer=task.tokenizer)  # process 0
+        save_pretrained(model, str(workdir / "hf_final"), tokenizer=task.tokenizer,  # process 0
+                        source_dir=os.path.expanduser(config.model.path) or None)
         if config.data.task == "toy" and jax.process_index() == 0:
             # beside a qwen2 config.json, AutoTokenizer would load Qwen2's own tokenizer
             task.tokenizer.save_pretrained(str(workdir / "tokenizer"))

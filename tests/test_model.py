@@ -7,6 +7,7 @@ offline with random weights (2 layers, hidden 64, vocabulary 256) and saved to t
 import json
 import os
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -185,6 +186,37 @@ def test_save_pretrained_round_trip(hf_dirs, name, tmp_path):
     assert reloaded.keys() == original.keys()
     for key, value in original.items():
         np.testing.assert_array_equal(reloaded[key], value, err_msg=key)
+
+
+def test_save_pretrained_keeps_special_ids_and_generation_config(tmp_path):
+    from covjax.eval import stop_ids
+
+    source, saved = tmp_path / "source", tmp_path / "saved"
+    model = tiny_hf_model("llama", seed=0, num_attention_heads=4, num_key_value_heads=2,
+                          bos_token_id=5, eos_token_id=[6, 7], pad_token_id=0, **SMALL)
+    model.save_pretrained(source)
+    generation = {"bos_token_id": 5, "eos_token_id": [6, 7, 8], "temperature": 0.6}
+    (source / "generation_config.json").write_text(json.dumps(generation))
+    save_pretrained(from_pretrained(source), saved, source_dir=source)
+    hf = transformers.AutoConfig.from_pretrained(saved)
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (5, [6, 7], 0)
+    assert json.loads((saved / "generation_config.json").read_text()) == generation
+    tokenizer = types.SimpleNamespace(eos_token_id=3)
+    assert stop_ids(str(saved), tokenizer) == stop_ids(str(source), tokenizer) == [3, 6, 7, 8]
+
+
+def test_sliding_windows_follow_transformers_defaults():
+    hf = {"architectures": ["MistralForCausalLM"], "num_attention_heads": 4, **SMALL}
+    assert ModelConfig.from_hf_config(hf).sliding_window == 4096  # MistralConfig's default
+    assert ModelConfig.from_hf_config(dict(hf, sliding_window=None)).sliding_window is None
+    qwen2 = dict(hf, architectures=["Qwen2ForCausalLM"], use_sliding_window=True,
+                 sliding_window=8)
+    assert ModelConfig.from_hf_config(qwen2).sliding_window is None  # layers < 28 never slide
+    sliding = ModelConfig.from_hf_config(dict(qwen2, max_window_layers=1))
+    assert sliding.sliding_window == 8
+    assert ModelConfig.from_hf_config(sliding.to_hf_config()) == sliding
+    assert transformers.Qwen2Config(**sliding.to_hf_config()).layer_types == [
+        "sliding_attention", "sliding_attention"]
 
 
 def test_sharded_checkpoint_with_index(hf_dirs, tmp_path):
@@ -455,6 +487,15 @@ def test_bad_inputs_are_named(hf_dirs, tmp_path):
         ModelConfig(
             architecture="qwen2", num_attention_heads=4, num_key_value_heads=3, head_dim=16, **SMALL
         )
+    with pytest.raises(ValueError, match="a qwen2 config must have attention_bias=True"):
+        ModelConfig(architecture="qwen2", num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, **SMALL)
+    with pytest.raises(ValueError, match="llama has one attention_bias flag"):
+        ModelConfig(architecture="llama", num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, attention_bias=True, **SMALL)
+    with pytest.raises(ValueError, match="eos_token_id must be None or a token id"):
+        ModelConfig(architecture="llama", num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, eos_token_id=(2, -1), **SMALL)
     with pytest.raises(ValueError, match="remat='block'"):
         ModelConfig(
             architecture="qwen2",

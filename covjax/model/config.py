@@ -25,6 +25,10 @@ LLAMA3_ROPE_KEYS = (
 )
 
 
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a decoder-only LM (Qwen2/Qwen2.5, Llama 3.x, Mistral).
@@ -35,7 +39,8 @@ class ModelConfig:
     pass) or "dots" (per block, keep matmul outputs and recompute the rest).
     `scan_layers` stacks the blocks and runs them with `lax.scan`, so compile time is flat in
     depth. `sliding_window` (Mistral) is accepted only where it cannot change the result: a
-    forward over more keys than the window raises.
+    forward over more keys than the window raises. `bos_token_id`, `eos_token_id` (one id or a
+    tuple) and `pad_token_id` are carried from config.json to the config.json written back.
     """
 
     architecture: str
@@ -59,6 +64,9 @@ class ModelConfig:
     attention_out_bias: bool = False
     sliding_window: int | None = None
     attention_impl: str = "auto"
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in _HF_NAME:
@@ -114,6 +122,20 @@ class ModelConfig:
             missing = [k for k in LLAMA3_ROPE_KEYS if k not in self.rope_scaling]
             if missing:
                 raise ValueError(f"rope_scaling with rope_type='llama3' lacks {missing}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, tuple) and name == "eos_token_id" else (value,)
+            if value is not None and not all(_is_token_id(i) for i in ids):
+                raise ValueError(f"ModelConfig.{name} must be None or a token id, got {value!r}")
+        # checked here, not only when saving, so that a run cannot fail at its very end
+        if self.architecture == "qwen2" and not (
+            self.attention_bias and not self.attention_out_bias
+        ):
+            raise ValueError(
+                "a qwen2 config must have attention_bias=True, attention_out_bias=False"
+            )
+        if self.architecture != "qwen2" and self.attention_bias != self.attention_out_bias:
+            raise ValueError(f"{self.architecture} has one attention_bias flag for q/k/v/o")
 
     def __hash__(self) -> int:
         # rope_scaling is a dict; hash its items so configs can be static jit/nnx metadata.
@@ -178,11 +200,16 @@ class ModelConfig:
         heads = hf["num_attention_heads"]
         if architecture == "qwen2":
             attention_bias, out_bias = True, False
-            window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
+            # transformers' Qwen2 slides only layers >= max_window_layers (default 28)
+            sliding = hf.get("use_sliding_window", False) and hf.get(
+                "max_window_layers", 28) < hf["num_hidden_layers"]
+            window = hf.get("sliding_window") if sliding else None
         else:
             attention_bias = bool(hf.get("attention_bias", False))
             out_bias = attention_bias
-            window = hf.get("sliding_window") if architecture == "mistral" else None
+            # MistralConfig's default window is 4096 when config.json does not name one
+            window = hf.get("sliding_window", 4096) if architecture == "mistral" else None
+        eos = hf.get("eos_token_id")
         fields = dict(
             architecture=architecture,
             vocab_size=hf["vocab_size"],
@@ -200,20 +227,16 @@ class ModelConfig:
             attention_out_bias=out_bias,
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             sliding_window=window,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            pad_token_id=hf.get("pad_token_id"),
         )
         fields.update(overrides)
         return cls(**fields)
 
     def to_hf_config(self) -> dict:
         """The `config.json` dict that transformers' AutoConfig reads back to this model."""
-        if self.architecture == "qwen2" and not (
-            self.attention_bias and not self.attention_out_bias
-        ):
-            raise ValueError(
-                "a qwen2 config must have attention_bias=True, attention_out_bias=False"
-            )
-        if self.architecture != "qwen2" and self.attention_bias != self.attention_out_bias:
-            raise ValueError(f"{self.architecture} has one attention_bias flag for q/k/v/o")
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         hf = {
             "architectures": [_HF_NAME[self.architecture]],
             "model_type": self.architecture,
@@ -232,10 +255,14 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "torch_dtype": self.param_dtype,
             "use_cache": True,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
         }
         if self.architecture == "qwen2":
             hf["use_sliding_window"] = self.sliding_window is not None
             hf["sliding_window"] = self.sliding_window
+            hf["max_window_layers"] = 0  # the window on every layer, as covjax checks it
         else:
             hf["attention_bias"] = self.attention_bias
             hf["mlp_bias"] = False

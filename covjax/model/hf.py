@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -307,9 +308,14 @@ def hf_state_dict(model: Transformer) -> dict[str, np.ndarray]:
 
 
 def save_pretrained(
-    model: Transformer, path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None
+    model: Transformer,
+    path: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    source_dir: str | os.PathLike | None = None,
 ) -> None:
-    """Writes config.json + model.safetensors (+ tokenizer files) for transformers to load.
+    """Writes config.json + model.safetensors (+ tokenizer files) for transformers to load, and
+    the generation_config.json of `source_dir` (the folder the model came from) when it has one,
+    so the saved model keeps its stop tokens (covjax.eval.stop_ids reads them there).
 
     In a multi-process run every process must call it (the gather is collective); process 0
     writes.
@@ -324,6 +330,9 @@ def save_pretrained(
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+    generation_config = os.path.join(os.fspath(source_dir or ""), "generation_config.json")
+    if source_dir is not None and os.path.isfile(generation_config):
+        shutil.copyfile(generation_config, os.path.join(path, "generation_config.json"))
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
