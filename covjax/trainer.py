@@ -49,7 +49,7 @@ from jax.sharding import NamedSharding
 from covjax import advantages as advantages_lib
 from covjax import config as config_lib
 from covjax import entropy_check, sharding, train_step
-from covjax.model import Transformer, from_pretrained, save_pretrained
+from covjax.model import Transformer, check_pretrained, from_pretrained, save_pretrained
 from covjax.rewards import toy
 from covjax.sampler import Rollout, Sampler, decode_responses
 
@@ -603,6 +603,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
             f"{config.train.mini_batch_prompts * config.rollout.n} rows per mini-batch do not "
             f"split over the {shards} batch shards of config.mesh (data x fsdp)"
         )
+    if config.data.task != "toy":  # the model folder's config and weight files, not the weights
+        check_pretrained(os.path.expanduser(config.model.path))
     task = load_task(config)  # bad data fails here, before anything is written
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -208,11 +208,13 @@ def test_paper_recipe_smoke_on_a_tiny_local_model(tmp_path):
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf_final")
     assert reloaded.config.num_hidden_layers == 2
-    # bad data is named before anything is written or the weights are read (here they could not
-    # be)
+    # bad data is named before anything is written or the weights are read (here their bytes
+    # are cut off after the header, which check_pretrained reads)
     broken = tmp_path / "broken_model"
     shutil.copytree(tmp_path / "model", broken)
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    weights = (broken / "model.safetensors").read_bytes()
+    header_end = 8 + int.from_bytes(weights[:8], "little")
+    (broken / "model.safetensors").write_bytes(weights[: header_end + 16])
     no_answers = write_jsonl(tmp_path / "no_answers.jsonl", rows[:3] + [{"problem": "Solve x"}])
     result = train(
         tmp_path / "bad_data_run",
@@ -225,6 +227,22 @@ def test_paper_recipe_smoke_on_a_tiny_local_model(tmp_path):
     assert result.returncode != 0
     assert "no_answers.jsonl" in result.stderr and "field 'answer' is missing" in result.stderr
     assert not (tmp_path / "bad_data_run").exists()  # nothing written
+    gpt = tmp_path / "gpt_model"  # a model folder covjax cannot load, with good data
+    shutil.copytree(tmp_path / "model", gpt)
+    hf_config = json.loads((gpt / "config.json").read_text())
+    (gpt / "config.json").write_text(json.dumps(dict(hf_config, architectures=["GPT2LMHeadModel"])))
+    result = train(
+        tmp_path / "bad_model_run",
+        f"--config.model.path={gpt}",
+        f"--config.model.tokenizer_path={tmp_path / 'tokenizer'}",
+        f"--config.data.train_files={train_file}",
+        config="--config=configs/qwen2_5_7b_clip_cov.py:smoke",
+        check=False,
+    )
+    assert result.returncode != 0 and "architectures=['GPT2LMHeadModel'] is not supported" in (
+        result.stderr
+    )
+    assert not (tmp_path / "bad_model_run").exists()
 
 
 class _FakeSampler:

@@ -187,6 +187,29 @@ def _layer_and_name(path: str, scan: bool) -> tuple[int | None, str]:
     return None, path
 
 
+def _read_config(path: str, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of the folder's config.json; errors name the folder or the file."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path} does not exist")
+    try:
+        return ModelConfig.from_hf_config(_read_json(config_path), **overrides)
+    except ValueError as e:
+        raise ValueError(f"{config_path}: {e}") from e
+
+
+def check_pretrained(path: str | os.PathLike) -> ModelConfig:
+    """What `from_pretrained` reads before any tensor, checked in a moment: the folder, its
+    config.json (a supported architecture) and the safetensors files' headers. Raises as
+    `from_pretrained` would; the trainer calls it before the data and the workdir."""
+    path = os.fspath(path)
+    config = _read_config(path)
+    _open_checkpoint(path)
+    return config
+
+
 def from_pretrained(
     path: str | os.PathLike,
     *,
@@ -203,24 +226,15 @@ def from_pretrained(
     (default: `dtype`). With `mesh` each parameter lands directly on its sharding.
     """
     path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder {path} does not exist")
-    config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} does not exist")
-    hf_config = _read_json(config_path)
     param_dtype = jnp.dtype(dtype)
-    try:
-        config = ModelConfig.from_hf_config(
-            hf_config,
-            param_dtype=param_dtype.name,
-            compute_dtype=jnp.dtype(compute_dtype or param_dtype).name,
-            remat=remat,
-            scan_layers=scan_layers,
-            **config_overrides,
-        )
-    except ValueError as e:
-        raise ValueError(f"{config_path}: {e}") from e
+    config = _read_config(
+        path,
+        param_dtype=param_dtype.name,
+        compute_dtype=jnp.dtype(compute_dtype or param_dtype).name,
+        remat=remat,
+        scan_layers=scan_layers,
+        **config_overrides,
+    )
     tensors = _open_checkpoint(path)
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     specs = {ours: (theirs, t) for ours, theirs, t in _tensor_specs(config)}
