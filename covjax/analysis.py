@@ -35,6 +35,7 @@ COV_DIR = "cov"
 ENTROPY_KEY = "entropy/token_mean"
 REWARD_KEY = "reward/mean"
 TRAIN_ACCURACY_KEY = "accuracy/mean"
+AVERAGE_ACCURACY_KEY = "val/average_accuracy"  # the trainer's mean over its evaluation sets
 FILTER_KEY = "filter/kept_group_frac"
 NUM_SELECTED_KEY = "cov/num_selected"
 CHECK_NATURAL_KEY = "entropy_check/predicted_natural"
@@ -114,14 +115,17 @@ def histogram_marks(workdir: str, *, require_config: bool = False,
 
 
 def resolve_accuracy_key(records: Sequence[Record], accuracy_key: str | None = None) -> str:
-    """The accuracy metric: `accuracy_key` if given, else the first (sorted) "val/<set>/accuracy"
-    present, else "accuracy/mean" (the training batch's accuracy)."""
+    """The accuracy metric: `accuracy_key` if given, else "val/average_accuracy" (the mean over
+    several evaluation sets), else the first (sorted) "val/<set>/accuracy" present, else
+    "accuracy/mean" (the training batch's accuracy)."""
     keys = set().union(*(r.keys() for r in records))
     if accuracy_key is not None:
         if accuracy_key not in keys:
             raise ValueError(f"accuracy_key {accuracy_key!r} not in the metrics; "
                              f"have {sorted(keys)}")
         return accuracy_key
+    if AVERAGE_ACCURACY_KEY in keys:
+        return AVERAGE_ACCURACY_KEY
     val_keys = sorted(k for k in keys if _VAL_ACCURACY.match(k))
     if val_keys:
         return val_keys[0]

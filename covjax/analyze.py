@@ -24,8 +24,8 @@ _OUT = flags.DEFINE_string("out", None, "Output folder for the figures and summa
 _FIT_FRACTION = flags.DEFINE_float(
     "fit_fraction", 0.5, "Fit the law on this first fraction of the steps, predict the rest.")
 _ACCURACY_KEY = flags.DEFINE_string(
-    "accuracy_key", None, "Accuracy metric for the law; default the first val/<set>/accuracy "
-    "present, else accuracy/mean.")
+    "accuracy_key", None, "Accuracy metric for the law; default val/average_accuracy, else the "
+    "first val/<set>/accuracy present, else accuracy/mean.")
 _ENTROPY_KEY = flags.DEFINE_string("entropy_key", analysis.ENTROPY_KEY, "Entropy metric.")
 _REWARD_KEY = flags.DEFINE_string("reward_key", analysis.REWARD_KEY, "Reward metric.")
 _BIN_STEPS = flags.DEFINE_integer("bin_steps", 10, "Steps per bin for the binned R^2.")

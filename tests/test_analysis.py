@@ -176,6 +176,9 @@ def test_reading_series_and_errors(tmp_path):
     with pytest.raises(ValueError, match="val/other/accuracy"):
         analysis.resolve_accuracy_key(records, "val/other/accuracy")
     assert analysis.resolve_accuracy_key([{"step": 0, "accuracy/mean": 1}]) == "accuracy/mean"
+    math_sets = {"val/aime24/accuracy": 0.1, "val/math500/accuracy": 0.5,
+                 "val/average_accuracy": 0.3}
+    assert analysis.resolve_accuracy_key([{"step": 0, **math_sets}]) == "val/average_accuracy"
     with pytest.raises(ValueError, match="no accuracy metric"):
         analysis.resolve_accuracy_key([{"step": 0}])
     steps, val = analysis.series(records, ["val/toy/accuracy"])
