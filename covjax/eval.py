@@ -10,7 +10,9 @@ Rewards are `covjax.rewards.math` (1 correct / 0 otherwise). Prints a table, wri
 OUTPUT_DIR/results.json and OUTPUT_DIR/responses.jsonl (every response with its score).
 
 --checkpoint=WORKDIR reads the Hugging Face folder the trainer saves: WORKDIR/hf_final, else the
-WORKDIR/hf_step_<step> with the largest step; it must hold the tokenizer files too.
+WORKDIR/hf_step_<step> with the largest step; it must hold the tokenizer files too. The flags
+it does not set take the trainer's evaluation settings from WORKDIR/config.json (response budget,
+compute dtype, prompt limit, instruction, schema), so the numbers match its val/* metrics.
 The trainer calls `evaluate` directly with its live model and sampler.
 """
 
@@ -214,6 +216,28 @@ def resolve_checkpoint(workdir: str) -> str:
     return steps[max(steps)]
 
 
+def training_eval_settings(workdir: str) -> dict[str, Any]:
+    """The evaluation settings of a trainer workdir's math run (its config.json), as values of
+    this module's flags: what its val/* metrics were measured with. {} for a toy run or a folder
+    without config.json."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config["data"]["task"] != "math":
+        return {}
+    settings = {
+        "max_new_tokens": config["rollout"]["max_new_tokens"],
+        "compute_dtype": config["model"]["compute_dtype"],
+        "max_prompt_length": config["data"]["max_prompt_length"],
+        "schema": config["data"]["schema"],
+    }
+    if config["data"]["prompt_suffix"]:
+        settings["instruction"] = config["data"]["prompt_suffix"]
+    return settings
+
+
 def stop_ids(model_dir: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The tokenizer's EOS plus the eos_token_id(s) of the folder's generation_config.json."""
     ids = {tokenizer.eos_token_id}
@@ -239,6 +263,13 @@ def main(argv: Sequence[str]) -> None:
     if f.model and not os.path.isdir(f.model):
         raise FileNotFoundError(f"--model={f.model} is not a directory")
     model_dir = f.model or resolve_checkpoint(f.checkpoint)
+    if f.checkpoint:
+        taken = {k: v for k, v in training_eval_settings(f.checkpoint).items() if not f[k].present}
+        for name, value in taken.items():
+            setattr(f, name, value)
+        if taken:
+            print(f"from {os.path.join(f.checkpoint, 'config.json')} (the trainer's evaluation): "
+                  + ", ".join(f"--{k}={v!r}" for k, v in taken.items()))
     output_dir = f.output_dir or (
         os.path.join(f.checkpoint, "eval", os.path.basename(model_dir))
         if f.checkpoint

@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import chatml, make_tokenizer, tiny_hf_model, write_jsonl
 
+from covjax import config as config_lib
 from covjax import eval as covjax_eval
 from covjax.rewards.math import score_batch
 
@@ -52,6 +53,11 @@ def run(tmp_path_factory):
     # transformers 5 loads a tokenizer saved beside a qwen2 config.json as its own
     # Qwen2Tokenizer (byte-level), not this word-level one: keep it in a folder of its own.
     tok.save_pretrained(root / "tokenizer")
+    trained = config_lib.base_config()  # the trainer's config.json: its settings fill unset flags
+    trained.data.task, trained.model.path = "math", "/models/tiny"
+    trained.rollout.max_new_tokens, trained.data.max_prompt_length = 2, 16
+    trained.data.prompt_suffix = "Think hard."
+    (workdir / "config.json").write_text(config_lib.to_json(trained))
 
     math500 = write_jsonl(
         root / "math500.jsonl",
@@ -94,6 +100,20 @@ def run(tmp_path_factory):
         tok=tok,
         eos=eos,
     )
+
+
+def test_flags_left_unset_take_the_trainers_settings(run, tmp_path):
+    assert "(the trainer's evaluation): --compute_dtype='float32', --schema='auto'\n" in (
+        run["stdout"]  # the others were given, so they win
+    )
+    recipe = config_lib.paper_recipe("7b", "kl_cov")
+    recipe.data.prompt_suffix = "Box it."
+    (tmp_path / "config.json").write_text(config_lib.to_json(recipe))
+    assert covjax_eval.training_eval_settings(str(tmp_path)) == {
+        "max_new_tokens": 8192, "compute_dtype": "bfloat16", "max_prompt_length": 2048,
+        "schema": "auto", "instruction": "Box it."}
+    (tmp_path / "config.json").write_text(config_lib.to_json(config_lib.toy_config("grpo")))
+    assert covjax_eval.training_eval_settings(str(tmp_path)) == {}  # the toy has no math sets
 
 
 def test_records_and_scores(run):
