@@ -36,6 +36,7 @@ ENTROPY_KEY = "entropy/token_mean"
 REWARD_KEY = "reward/mean"
 TRAIN_ACCURACY_KEY = "accuracy/mean"
 AVERAGE_ACCURACY_KEY = "val/average_accuracy"  # the trainer's mean over its evaluation sets
+MIN_LAW_POINTS = 10  # fewer (entropy, accuracy) pairs: summary.md says the fit says little
 FILTER_KEY = "filter/kept_group_frac"
 NUM_SELECTED_KEY = "cov/num_selected"
 CHECK_NATURAL_KEY = "entropy_check/predicted_natural"
@@ -566,6 +567,12 @@ def summary_markdown(summaries: Sequence[RunSummary], equal_reward: tuple[float,
             _fmt(s.concentration, ".3g")]) + " |")
         if s.not_fitted:
             notes.append(f"- {s.name}: not fitted: {s.not_fitted}")
+        if fit and fit.num_points < MIN_LAW_POINTS:
+            notes.append(f"- {s.name}: the law is fitted to {fit.num_points} points only; its R² "
+                         "and ceiling say little")
+        if fit and not 0.0 <= fit.ceiling <= 1.0:
+            notes.append(f"- {s.name}: the ceiling b - a = {_fmt(fit.ceiling)} lies outside "
+                         "[0, 1]: the fit extrapolates past any reachable accuracy")
     lines += ["", *notes, ""] if notes else [""]
     level, reached = equal_reward
     lines += [f"## Entropy at equal reward (moving average over {window} steps reaches "

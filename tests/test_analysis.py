@@ -231,6 +231,19 @@ def run_analyze(*args):
                           capture_output=True, text=True, timeout=120)
 
 
+def test_summary_warns_of_few_points_and_a_ceiling_outside_0_1(tmp_path):
+    run = str(tmp_path / "run")
+    write_run(run, a=0.3, b=1.4, num_steps=8, seed=3)  # ceiling 1.1; 8 points
+    records = analysis.read_metrics(run)
+    s = analysis.summarize_run("short", run, records, accuracy_key="accuracy/mean")
+    assert s.fit.num_points == 8 and s.fit.ceiling > 1
+    markdown = analysis.summary_markdown([s], (0.5, {}), fit_fraction=0.5, bin_steps=10,
+                                         window=10, concentration_min_step=10)
+    assert "- short: the law is fitted to 8 points only; its R² and ceiling say little" in markdown
+    assert (f"- short: the ceiling b - a = {analysis._fmt(s.fit.ceiling)} lies outside [0, 1]"
+            in markdown)
+
+
 def test_analyze_cli_end_to_end(tmp_path):
     """Two fake runs -> figures and summary.md whose numbers are analysis' own on the same data."""
     run_a, run_b, out = (str(tmp_path / n) for n in ("A", "B", "report"))
@@ -258,6 +271,7 @@ def test_analyze_cli_end_to_end(tmp_path):
         assert s.fit.r2 > 0.9 and abs(s.fit.a - (0.3 if name == "A" else 0.2)) < 0.05
         assert s.extrapolation.num_fit == 36
     assert "| A | natural | 60 | 1.000 | 1.00 | 20 |" in summary
+    assert "points only" not in summary and "outside [0, 1]" not in summary  # 60 points, 0.6
     assert "Entropy at equal reward" in summary
 
 
