@@ -132,7 +132,8 @@ def resolve_accuracy_key(records: Sequence[Record], accuracy_key: str | None = N
         return val_keys[0]
     if TRAIN_ACCURACY_KEY in keys:
         return TRAIN_ACCURACY_KEY
-    raise ValueError(f"no accuracy metric (val/<set>/accuracy or {TRAIN_ACCURACY_KEY!r}) in the "
+    raise ValueError(f"no accuracy metric ({AVERAGE_ACCURACY_KEY!r}, val/<set>/accuracy or "
+                     f"{TRAIN_ACCURACY_KEY!r}) in the "
                      f"metrics; have {sorted(keys)}")
 
 

@@ -225,16 +225,19 @@ def training_eval_settings(workdir: str) -> dict[str, Any]:
         return {}
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
-    if config["data"]["task"] != "math":
+    try:
+        if config["data"]["task"] != "math":
+            return {}
+        settings = {
+            "max_new_tokens": config["rollout"]["max_new_tokens"],
+            "compute_dtype": config["model"]["compute_dtype"],
+            "max_prompt_length": config["data"]["max_prompt_length"],
+            "schema": config["data"]["schema"],
+        }
+        if config["data"]["prompt_suffix"]:
+            settings["instruction"] = config["data"]["prompt_suffix"]
+    except (KeyError, TypeError):  # not a covjax trainer's config.json
         return {}
-    settings = {
-        "max_new_tokens": config["rollout"]["max_new_tokens"],
-        "compute_dtype": config["model"]["compute_dtype"],
-        "max_prompt_length": config["data"]["max_prompt_length"],
-        "schema": config["data"]["schema"],
-    }
-    if config["data"]["prompt_suffix"]:
-        settings["instruction"] = config["data"]["prompt_suffix"]
     return settings
 
 
@@ -264,7 +267,8 @@ def main(argv: Sequence[str]) -> None:
         raise FileNotFoundError(f"--model={f.model} is not a directory")
     model_dir = f.model or resolve_checkpoint(f.checkpoint)
     if f.checkpoint:
-        taken = {k: v for k, v in training_eval_settings(f.checkpoint).items() if not f[k].present}
+        taken = {k: v for k, v in training_eval_settings(f.checkpoint).items()
+                 if f[k].using_default_value}
         for name, value in taken.items():
             setattr(f, name, value)
         if taken:

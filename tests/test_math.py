@@ -98,6 +98,10 @@ CASES = [
     ("\\boxed{5}\nLet me double check the answer: it is 5", "5", 1.0),  # prose, not a line
     ("**Answer:** 5", "5", 1.0),
     ("> Final Answer: $7$", "7", 1.0),
+    ("- Answer: 5", "5", 1.0),
+    ("**Final Answer**: 5", "5", 1.0),
+    ("Answer: **5**", "5", 1.0),
+    ("\\boxed{5}\n**Answer:** \n", "5", 1.0),  # an empty Answer line is no answer
     # ground truth written with $...$ or a box
     (r"\boxed{5}", "$5$", 1.0),
     (r"\boxed{5}", r"\boxed{5}", 1.0),
@@ -165,6 +169,25 @@ def test_dead_workers_are_replaced_whether_idle_or_starting():
         pool.workers[-1].proc.kill()  # dies before it is ready: a failed start, replaced
         assert pool.check([r"\boxed{6}"] * 3, ["6"] * 3, timeout_s=30.0) == [True] * 3
         assert pool.num_restarts == 2 and all(w.proc.poll() is None for w in pool.workers)
+    finally:
+        pool.close()
+
+
+def test_an_interrupted_call_leaves_no_stale_answers(monkeypatch):
+    pool = math_reward.VerifierPool(2)
+    try:
+        pool.check([r"\boxed{1}"] * 2, ["1"] * 2, timeout_s=30.0)  # ready
+        real_select = math_reward.select.select
+
+        def interrupted(*args):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(math_reward.select, "select", interrupted)
+        with pytest.raises(KeyboardInterrupt):  # both workers hold an item of this call
+            pool.check([r"\boxed{1}", r"\boxed{2}"], ["1", "2"], timeout_s=30.0)
+        monkeypatch.setattr(math_reward.select, "select", real_select)
+        assert pool.check([r"\boxed{3}"], ["4"], timeout_s=30.0) == [False]  # not item 0's True
+        assert pool.num_restarts == 2
     finally:
         pool.close()
 

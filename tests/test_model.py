@@ -205,6 +205,15 @@ def test_save_pretrained_keeps_special_ids_and_generation_config(tmp_path):
     assert stop_ids(str(saved), tokenizer) == stop_ids(str(source), tokenizer) == [3, 6, 7, 8]
 
 
+def test_special_ids_that_are_not_token_ids_are_dropped():
+    hf = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4, **SMALL}
+    old_llama = ModelConfig.from_hf_config(dict(hf, pad_token_id=-1, eos_token_id=[2, -1]))
+    assert (old_llama.pad_token_id, old_llama.eos_token_id) == (None, (2,))
+    written = old_llama.to_hf_config()
+    assert "pad_token_id" not in written and "bos_token_id" not in written  # family defaults
+    assert written["eos_token_id"] == [2]
+
+
 def test_sliding_windows_follow_transformers_defaults():
     hf = {"architectures": ["MistralForCausalLM"], "num_attention_heads": 4, **SMALL}
     assert ModelConfig.from_hf_config(hf).sliding_window == 4096  # MistralConfig's default

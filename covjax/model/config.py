@@ -29,6 +29,10 @@ def _is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _valid_id(value: Any) -> int | None:
+    return value if _is_token_id(value) else None
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a decoder-only LM (Qwen2/Qwen2.5, Llama 3.x, Mistral).
@@ -209,7 +213,13 @@ class ModelConfig:
             out_bias = attention_bias
             # MistralConfig's default window is 4096 when config.json does not name one
             window = hf.get("sliding_window", 4096) if architecture == "mistral" else None
+        # ids that are not token ids (Llama conversions of transformers 4.28 wrote pad -1) are
+        # dropped: covjax only carries them back to the config.json it writes
         eos = hf.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = tuple(i for i in eos if _is_token_id(i)) or None
+        else:
+            eos = _valid_id(eos)
         fields = dict(
             architecture=architecture,
             vocab_size=hf["vocab_size"],
@@ -227,16 +237,15 @@ class ModelConfig:
             attention_out_bias=out_bias,
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             sliding_window=window,
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-            pad_token_id=hf.get("pad_token_id"),
+            bos_token_id=_valid_id(hf.get("bos_token_id")),
+            eos_token_id=eos,
+            pad_token_id=_valid_id(hf.get("pad_token_id")),
         )
         fields.update(overrides)
         return cls(**fields)
 
     def to_hf_config(self) -> dict:
         """The `config.json` dict that transformers' AutoConfig reads back to this model."""
-        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         hf = {
             "architectures": [_HF_NAME[self.architecture]],
             "model_type": self.architecture,
@@ -255,10 +264,11 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "torch_dtype": self.param_dtype,
             "use_cache": True,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": eos,
-            "pad_token_id": self.pad_token_id,
         }
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # unset: the family default
+            value = getattr(self, name)
+            if value is not None:
+                hf[name] = list(value) if isinstance(value, tuple) else value
         if self.architecture == "qwen2":
             hf["use_sliding_window"] = self.sliding_window is not None
             hf["sliding_window"] = self.sliding_window

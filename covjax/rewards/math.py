@@ -3,10 +3,11 @@ math-verify, under a hard wall-clock limit per check.
 
 The reward of the paper's recipe (ALGORITHMS.md section 7) is rule-based: 1 when the final answer
 is equivalent to the ground truth, else 0 (or -1, the DAPO recipe's choice). The final answer is
-the last complete ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces allowed) or the last
-``Answer:`` line (the DAPO-Math-17k prompts ask for one), whichever comes later; a response with
-neither scores ``incorrect``. Equivalence is math-verify's (fractions, decimals, LaTeX forms,
-intervals, sets; units, degrees and ``\\text{...}`` stripped by its LaTeX normalisation).
+the last complete ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces allowed) or the last line
+that starts with ``Answer:`` (the DAPO-Math-17k prompts ask for one), whichever comes later; a
+response with neither scores ``incorrect``. Equivalence is math-verify's (fractions, decimals,
+LaTeX forms, intervals, sets; units, degrees and ``\\text{...}`` stripped by its LaTeX
+normalisation).
 
 Sympy can run for hours on an answer such as ``9^{9^{9^{9}}}``. math-verify's own timeout uses
 ``signal.alarm``, which only works in the main thread, so it is disabled here and the limit is
@@ -37,9 +38,12 @@ WORKER_START_TIMEOUT_S = 120.0  # importing math-verify (sympy) takes seconds, n
 MAX_START_FAILURES = 3  # in a row, within one call: then the environment is broken, not a worker
 
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
-# "Answer: ..." at the start of a line (markdown emphasis, quote or heading marks and "Final"
-# allowed), so a later sentence such as "let me check the answer: ..." does not replace a box
-_ANSWER_LINE = re.compile(r"(?im)^[ \t>*#_]*(?:final\s+)?answer\s*:[ \t*_]*([^\n]+)")
+# "Answer: ..." at the start of a line (after markdown quote, heading, list or emphasis marks, a
+# "1." or "1)", and "Final"), so a later sentence such as "let me check the answer: ..." does
+# not replace a box; an empty "Answer:" line is no answer
+_ANSWER_LINE = re.compile(
+    r"(?im)^[ \t>*#_+-]*(?:\d+[.)][ \t]*)?(?:final\s+)?answer[*_]*[ \t]*:[ \t*_]*([^\s*_][^\n]*)"
+)
 _DELIMITERS = re.compile(r"^[\s$]+|[\s$.]+$")
 
 
@@ -66,7 +70,7 @@ def extract_answer(text: str) -> str | None:
     box = _last_box(text)
     lines = list(_ANSWER_LINE.finditer(text))
     if lines and (box is None or lines[-1].start() > box[0]):
-        line = lines[-1].group(1)
+        line = lines[-1].group(1).rstrip().rstrip("*_")  # "Answer: **5**"
         inner = _last_box(line)
         return _strip_math(inner[1] if inner else line)
     return _strip_math(box[1]) if box else None
@@ -208,7 +212,12 @@ class VerifierPool:
         if not self.workers:
             raise RuntimeError("VerifierPool is closed")
         with self._lock:
-            return self._check(responses, ground_truths, timeout_s)
+            try:
+                return self._check(responses, ground_truths, timeout_s)
+            except BaseException:  # a worker still busy with this call's item must not answer
+                for worker in [w for w in self.workers if w.item is not None]:  # the next one's
+                    self._replace(worker)
+                raise
 
     def _check(self, responses, ground_truths, timeout_s: float) -> list[bool]:
         """Feed idle workers, collect answers, kill and replace workers past their deadline."""
@@ -216,15 +225,17 @@ class VerifierPool:
         pending = collections.deque(range(len(responses)))
         start_failures = 0
 
-        def failed_start(worker: _Worker) -> None:
+        def failed_start(workers: list[_Worker], why: str) -> None:
+            """One failure however many workers it hit (they start together), then replace."""
             nonlocal start_failures
             start_failures += 1
             if start_failures >= MAX_START_FAILURES:
                 raise RuntimeError(
-                    f"math-verify workers failed to start {start_failures} times in a row (last "
-                    f"exit code {worker.proc.poll()}); check `python -c 'import math_verify'`"
+                    f"math-verify workers failed to start {start_failures} times in a row (last: "
+                    f"{why}); check `python -c 'import math_verify'`"
                 )
-            self._replace(worker)
+            for worker in workers:
+                self._replace(worker)
 
         while True:
             for worker in list(self.workers):
@@ -245,20 +256,18 @@ class VerifierPool:
                     if line == b"ready\n":
                         worker.ready, start_failures = True, 0
                     else:
-                        failed_start(worker)
+                        failed_start([worker], f"a worker exited with code {worker.proc.wait()}")
                 elif line:
                     results[worker.item] = line == b"true\n"
                     worker.item = None
                 else:
                     self._replace(worker)
             now = time.monotonic()
-            late = [w for w in self.workers if (w.item is not None or not w.ready)
-                    and w.deadline <= now]
-            for worker in late:
-                if worker.ready:
-                    self._replace(worker)
-                else:
-                    failed_start(worker)
+            for worker in [w for w in self.workers if w.item is not None and w.deadline <= now]:
+                self._replace(worker)
+            slow = [w for w in self.workers if not w.ready and w.deadline <= now]
+            if slow:
+                failed_start(slow, f"not ready within {WORKER_START_TIMEOUT_S:g} s")
 
     def close(self) -> None:
         for worker in self.workers:
