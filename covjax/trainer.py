@@ -546,8 +546,8 @@ def _prompt_buckets(max_prompt_length: int) -> tuple[int, ...]:
 class StoppedBySignal(Exception):
     """The run stopped on SIGTERM/SIGINT before it finished (the last step included: then without
     the final evaluation and hf_final), with a checkpoint of `steps_done` steps; the same command
-    resumes it. `signum`: the signal this process got (None when another
-    process of a multi-process run got it)."""
+    resumes it. `signum`: the signal this process got (None when another process of a
+    multi-process run got it)."""
 
     def __init__(self, steps_done: int, signum: int | None):
         super().__init__(f"stopped by a signal after {steps_done} steps (checkpoint saved; the "
@@ -613,8 +613,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
         item_names=("state", "meta"),
     )
+    latest = manager.latest_step()  # None: a fresh run
     saved_config = workdir / "config.json"
-    if manager.latest_step() is not None and saved_config.exists():
+    if latest is not None and saved_config.exists():
         config_lib.check_resume(json.loads(saved_config.read_text()), config, str(saved_config))
     if jax.process_index() == 0:  # whole or not at all: the other processes may be reading it
         partial = workdir / "config.json.partial"
@@ -623,11 +624,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
 
     model = build_model(config, mesh)
     if config.data.task == "toy":
-        if manager.latest_step() is None and config.data.toy.warm_start_steps > 0:
+        if latest is None and config.data.toy.warm_start_steps > 0:
             toy_warm_start(config, model)
         sharding.shard_model(model, mesh)
     with jax.set_mesh(mesh):
-        return _train(config, workdir, mesh, model, task, manager)
+        return _train(config, workdir, mesh, model, task, manager, latest)
 
 
 def toy_warm_start(config, model: Transformer) -> None:
@@ -648,13 +649,13 @@ def toy_warm_start(config, model: Transformer) -> None:
                  time.perf_counter() - t0)
 
 
-def _train(config, workdir: Path, mesh, model, task, manager) -> list[dict[str, Any]]:
+def _train(config, workdir: Path, mesh, model, task, manager, latest: int | None
+           ) -> list[dict[str, Any]]:
     cfg = train_step.StepConfig.from_config(config)
     tx, schedule = train_step.make_optimizer(
         config.optim.lr, config.optim.weight_decay, config.optim.grad_clip,
         config.optim.warmup_steps,
     )
-    latest = manager.latest_step()
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     param_sharding = train_step.param_shardings(params, mesh)
