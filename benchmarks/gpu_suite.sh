@@ -2,8 +2,11 @@
 # The whole GPU benchmark set in one call on one H100/H200 (issue 9), peers in the same call.
 #
 #   bash benchmarks/gpu_suite.sh            # one GPU, about 8 minutes
+#   HALF=1 bash benchmarks/gpu_suite.sh     # the update half: losses, train step, RL step
+#   HALF=2 bash benchmarks/gpu_suite.sh     # the rollout half: sampler and its peers
 #   TINY=1 bash benchmarks/gpu_suite.sh     # small shapes on the CPU: checks the script itself
 #
+# Each half fits one device call of at most 5 minutes; gpu_summary.py reads whichever logs exist.
 # Imports only jax, flax, optax, numpy, transformers and torch (plus covjax). The Tunix peer runs
 # when its wheel is unpacked: TUNIX_WHEEL (default .whl/google_tunix-0.1.7-py3-none-any.whl,
 # from `pip download --no-deps google-tunix==0.1.7 -d .whl/`) and TUNIX_PROBE (default
@@ -33,13 +36,18 @@ bench() {  # name timeout_s command...: runs one benchmark, its output to the sc
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
 }
 
-bench losses 90 "$PY" benchmarks/losses.py "${losses_args[@]}"
-bench train_step 150 "$PY" benchmarks/train_step.py "${train_args[@]}"
-bench sampler 150 "$PY" benchmarks/sampler.py "${sampler_args[@]}"
-if [[ -z "${TINY:-}" && -f "$TUNIX_WHEEL" && -f "$TUNIX_PROBE" ]]; then
-  rm -rf build/tunix && "$PY" -m zipfile -e "$TUNIX_WHEEL" build/tunix
-  PYTHONPATH=build/tunix bench tunix 100 "$PY" "$TUNIX_PROBE" --size 0.5b \
-    --batch "64,256" --prompt_len 128 --new_tokens 256
+HALF=${HALF:-all}
+if [[ $HALF != 2 ]]; then
+  bench losses 60 "$PY" benchmarks/losses.py "${losses_args[@]}"
+  bench train_step 130 "$PY" benchmarks/train_step.py "${train_args[@]}"
+  bench rl_step 100 "$PY" benchmarks/rl_step.py "${rl_args[@]}"
 fi
-bench rl_step 120 "$PY" benchmarks/rl_step.py "${rl_args[@]}"
+if [[ $HALF != 1 ]]; then
+  bench sampler 150 "$PY" benchmarks/sampler.py "${sampler_args[@]}"
+  if [[ -z "${TINY:-}" && -f "$TUNIX_WHEEL" && -f "$TUNIX_PROBE" ]]; then
+    rm -rf build/tunix && "$PY" -m zipfile -e "$TUNIX_WHEEL" build/tunix
+    PYTHONPATH=build/tunix bench tunix 100 "$PY" "$TUNIX_PROBE" --size 0.5b \
+      --batch "64,256" --prompt_len 128 --new_tokens 256
+  fi
+fi
 "$PY" benchmarks/gpu_summary.py "$OUT"

@@ -517,3 +517,37 @@ def test_bad_inputs_are_named(hf_dirs, tmp_path):
     model = from_pretrained(src)
     with pytest.raises(ValueError, match="input_ids must be integer"):
         model(jnp.zeros((1, 4), jnp.float32))
+
+
+def test_even_padding_of_causal_attention_changes_nothing():
+    """The cuDNN path's extra position (odd lengths) gives the unpadded attention's values and
+    gradients; checked with XLA's implementation on the CPU, a padding key and a padded row in."""
+    from covjax.model.transformer import causal_attention_even
+
+    rng = np.random.default_rng(0)
+    b, t, h, d = 2, 7, 2, 8
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32) for _ in range(3))
+    keys_valid = np.ones((b, t), bool)
+    keys_valid[1, :2] = False  # left padding of row 1
+    mask = jnp.asarray(keys_valid[:, None, None, :] & np.tril(np.ones((t, t), bool)))
+
+    def reference(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                            implementation="xla")
+
+    def padded(q, k, v):
+        return causal_attention_even(q, k, v, mask, implementation="xla")
+
+    out_ref, out = reference(q, k, v), padded(q, k, v)
+    rows = jnp.asarray(np.tril(np.ones((t, t), bool)) & keys_valid[:, :, None]).any(-1)
+    np.testing.assert_allclose(np.where(rows[..., None, None], out, 0),
+                               np.where(rows[..., None, None], out_ref, 0), rtol=1e-6, atol=1e-6)
+
+    def loss(fn):
+        return lambda *a: jnp.sum(jnp.where(rows[..., None, None], fn(*a), 0) ** 2)
+
+    g_ref = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
+    g = jax.grad(loss(padded), argnums=(0, 1, 2))(q, k, v)
+    for a, r in zip(g, g_ref, strict=True):
+        assert np.isfinite(np.asarray(a)).all()
+        np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)

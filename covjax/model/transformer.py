@@ -153,6 +153,28 @@ def _attention_impl(config: ModelConfig, dtype, decoding: bool) -> str:
     return "cudnn" if ok else "xla"
 
 
+def causal_attention_even(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, implementation: str = "cudnn"
+) -> jax.Array:
+    """Causal self-attention (T queries over the same T keys) padded to an even length.
+
+    cuDNN's fused attention with a mask rejects an odd sequence length, and a training row of
+    P + R tokens has P + R - 1 inputs. One extra position at the end changes nothing before it:
+    causality hides its key from every real query, and its own query row (sliced off) sees keys,
+    so it produces no NaN in the backward pass.
+    """
+    length = q.shape[1]
+    if mask is None or length % 2 == 0:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                            implementation=implementation)
+    pad = [(0, 0), (0, 1), (0, 0), (0, 0)]
+    q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 1), (0, 1)), constant_values=True)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                       implementation=implementation)
+    return out[:, :length]
+
+
 class Block(nnx.Module):
     """One pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -229,9 +251,12 @@ class Block(nnx.Module):
                 "keys; sliding-window attention is not implemented"
             )
         impl = _attention_impl(c, q.dtype, decoding=kv is not None)
-        out = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=kv is None, implementation=impl
-        )
+        if impl == "cudnn":
+            out = causal_attention_even(q, k, v, mask)
+        else:
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=kv is None, implementation=impl
+            )
         if query_valid is not None:
             # A query with no visible key (padding) gets zeros, never NaN.
             out = jnp.where(query_valid[:, :, None, None], out, 0)
