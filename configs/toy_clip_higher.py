@@ -1,20 +1,13 @@
 """The toy with Clip-Higher (DAPO): PPO eps 0.2 low / 0.28 high.
 
     python -m covjax.train --config=configs/toy_clip_higher.py --workdir=runs/toy_clip_higher
-
-Cost on 2 CPU cores (2026-11-26): 300 steps in about 85 s and 1.0 GB peak RSS, the 31 s
-warm start (2000 steps; the hard variant's has 600) included; later runs of a seed read it from
-data.toy.cache_dir (about 50 s).
-Arguments: `configs/toy_clip_higher.py:smoke` runs 4 tiny steps (about 20 s); `:hard` the hard
-variant (digits 0-9, S in 4..50; final reward 0.47-0.92 by method, 0.07-0.17 at step 0);
-`:hard,smoke` both.
-
-TOY.md: at toy scale Clip-Higher kept less entropy than GRPO.
-All keys and their ranges: covjax/config.py (base_config, toy_config).
 """
 
-from covjax.config import toy_config
+import pathlib
+import runpy
+
+recipes = runpy.run_path(str(pathlib.Path(__file__).with_name("recipes.py")))
 
 
 def get_config(arg=None):
-    return toy_config("clip_higher", arg)
+    return recipes["toy_config"]("clip_higher", arg)

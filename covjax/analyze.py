@@ -6,17 +6,27 @@ Writes into --out: entropy_reward.png (entropy and reward against step, all runs
 (entropy-accuracy scatter with the fitted R = -a exp(H) + b), cov_hist_<run>.png (token covariance
 histogram of the first and last cov dump with the Clip-Cov band and the KL-Cov threshold, from the
 run's config.json unless the flags give them), entropy_check.png (predicted against measured entropy
-change, when the trainer ran the live check) and summary.md (see covjax.analysis.summary_markdown).
+change, when the trainer ran the live check) and summary.md (see
+covjax.analysis.stats.summary_markdown).
+
+A bad flag value (a workdir without metrics, a metric name the runs do not log, a number out of
+range, an unknown flag) stops it with one line naming the flag and the value, before it writes
+anything.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import sys
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
 
 from absl import app, flags
 
-from covjax import analysis
+from covjax import metrics
+from covjax.analysis import plots, runs, stats
 
 _WORKDIR = flags.DEFINE_list("workdir", None, "Comma-separated training workdirs.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output folder for the figures and summary.md.",
@@ -26,15 +36,18 @@ _FIT_FRACTION = flags.DEFINE_float(
 _ACCURACY_KEY = flags.DEFINE_string(
     "accuracy_key", None, "Accuracy metric for the law; default val/average_accuracy, else the "
     "first val/<set>/accuracy present, else accuracy/mean.")
-_ENTROPY_KEY = flags.DEFINE_string("entropy_key", analysis.ENTROPY_KEY, "Entropy metric.")
-_REWARD_KEY = flags.DEFINE_string("reward_key", analysis.REWARD_KEY, "Reward metric.")
-_BIN_STEPS = flags.DEFINE_integer("bin_steps", 10, "Steps per bin for the binned R^2.")
-_WINDOW = flags.DEFINE_integer("window", 10, "Moving-average window for the equal-reward table.")
+_ENTROPY_KEY = flags.DEFINE_string("entropy_key", metrics.ENTROPY_TOKEN_MEAN, "Entropy metric.")
+_REWARD_KEY = flags.DEFINE_string("reward_key", metrics.REWARD_MEAN, "Reward metric.")
+_BIN_STEPS = flags.DEFINE_integer("bin_steps", 10, "Steps per bin for the binned R^2.",
+                                  lower_bound=1)
+_WINDOW = flags.DEFINE_integer("window", 10, "Moving-average window for the equal-reward table.",
+                               lower_bound=1)
 _EQUAL_REWARD = flags.DEFINE_float(
     "equal_reward", None, "Reward level for the equal-reward table; default the highest level "
     "that every run reaches.")
 _CONCENTRATION_MIN_STEP = flags.DEFINE_integer(
-    "concentration_min_step", 10, "Covariance concentration: median over dumps from this step on.")
+    "concentration_min_step", 10, "Covariance concentration: median over dumps from this step on.",
+    lower_bound=0)
 _OWN = "; default: the run's own (its config.json), else the paper's "
 _CLIP_COV_LB = flags.DEFINE_float("clip_cov_lb", None,
                                   "Clip-Cov band lower bound to mark" + _OWN + "1.0.")
@@ -42,6 +55,25 @@ _CLIP_COV_UB = flags.DEFINE_float("clip_cov_ub", None,
                                   "Clip-Cov band upper bound to mark" + _OWN + "5.0.")
 _KL_COV_RATIO = flags.DEFINE_float("kl_cov_ratio", None, "KL-Cov top-k ratio whose threshold the "
                                    "histogram marks" + _OWN + "2e-3.")
+flags.register_validator("fit_fraction", lambda v: 0.0 < v < 1.0, "must be in (0, 1)")
+flags.register_validator("equal_reward", lambda v: v is None or math.isfinite(v),
+                         "must be a finite number")
+
+
+def _fail(message: str) -> NoReturn:
+    """Stops with one line on stderr and status 1, as covjax.train does for an unknown key."""
+    sys.exit("FATAL Flags parsing error: " + " ".join(message.split("\n")))
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with its error on one line (absl adds a hint line; a value it rejects
+    reads "--flag=value: why")."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.UnrecognizedFlagError as e:
+        _fail(f"{e.flagvalue}: {e}")
+    except flags.Error as e:
+        _fail(str(e).removeprefix("flag "))
 
 
 def _run_names(workdirs: list[str]) -> list[str]:
@@ -55,63 +87,104 @@ def _file_safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
+def _read_runs(workdirs: Sequence[str]) -> dict[str, list[dict]]:
+    """{run name: records} of every --workdir, the metric flags checked against what each logs."""
+    if not workdirs:
+        _fail("--workdir='': names no workdir")
+    records = {}
+    for name, workdir in zip(_run_names(list(workdirs)), workdirs, strict=True):
+        try:
+            records[name] = runs.read_metrics(workdir)
+        except (OSError, ValueError) as e:
+            _fail(f"--workdir={workdir}: {e}")
+        logged = set().union(*records[name])
+        path = os.path.join(workdir, metrics.METRICS_FILE)
+        for flag in (_ENTROPY_KEY, _REWARD_KEY, _ACCURACY_KEY):
+            if flag.value is not None and flag.value not in logged:
+                _fail(f"--{flag.name}={flag.value}: not a metric of {path}")
+        try:
+            runs.resolve_accuracy_key(records[name], _ACCURACY_KEY.value)
+        except ValueError as e:  # no accuracy metric the default can take
+            _fail(f"--workdir={workdir}: {e}")
+    return records
+
+
+def _histogram_marks(workdirs: Sequence[str]) -> dict[str, dict[str, float]]:
+    """{workdir: its histogram marks}: the flags given, else the run's config.json (a bad one is
+    named by the flags given, else by --workdir)."""
+    given = {flag.name: flag.value for flag in (_CLIP_COV_LB, _CLIP_COV_UB, _KL_COV_RATIO)}
+    marks = {}
+    for workdir in workdirs:
+        try:
+            marks[workdir] = runs.histogram_marks(workdir, **given)
+        except (OSError, ValueError) as e:
+            named = [f"--{k}={v}" for k, v in given.items() if v is not None]
+            _fail(f"{', '.join(named) or f'--workdir={workdir}'}: {e}")
+    return marks
+
+
+def _check_out(out: str) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        _fail(f"--out={out}: exists and is not a directory")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not 0.0 < _FIT_FRACTION.value < 1.0:
-        raise ValueError(f"--fit_fraction must be in (0, 1), got {_FIT_FRACTION.value}")
+        _fail(f"unexpected arguments {argv[1:]} (every setting is a --flag=value)")
     workdirs = _WORKDIR.value
-    runs = {name: analysis.read_metrics(w)
-            for name, w in zip(_run_names(workdirs), workdirs, strict=True)}
-    marks = {w: analysis.histogram_marks(w, clip_cov_lb=_CLIP_COV_LB.value,
-                                         clip_cov_ub=_CLIP_COV_UB.value,
-                                         kl_cov_ratio=_KL_COV_RATIO.value) for w in workdirs}
-    os.makedirs(_OUT.value, exist_ok=True)
+    records = _read_runs(workdirs)
+    marks = _histogram_marks(workdirs)
+    _check_out(_OUT.value)
+    print(_write_report(records, workdirs, marks, _OUT.value))
+
+
+def _write_report(runs_by_name: Mapping[str, list[dict]], workdirs: Sequence[str],
+           marks: Mapping[str, Mapping[str, float]], out_dir: str) -> str:
+    """Writes the figures and summary.md of the runs into `out_dir`; returns summary.md."""
+    os.makedirs(out_dir, exist_ok=True)
     figures = []
 
     def out(filename: str) -> str:
         figures.append(filename)
-        return os.path.join(_OUT.value, filename)
+        return os.path.join(out_dir, filename)
 
     summaries, law_points, checks = [], {}, {}
-    for (name, records), workdir in zip(runs.items(), workdirs, strict=True):
-        accuracy_key = analysis.resolve_accuracy_key(records, _ACCURACY_KEY.value)
-        summary = analysis.summarize_run(
+    for (name, records), workdir in zip(runs_by_name.items(), workdirs, strict=True):
+        accuracy_key = runs.resolve_accuracy_key(records, _ACCURACY_KEY.value)
+        summary = stats.summarize_run(
             name, workdir, records, accuracy_key=accuracy_key, entropy_key=_ENTROPY_KEY.value,
             reward_key=_REWARD_KEY.value, fit_fraction=_FIT_FRACTION.value,
             bin_steps=_BIN_STEPS.value, concentration_min_step=_CONCENTRATION_MIN_STEP.value)
         summaries.append(summary)
-        _, entropy, accuracy = analysis.series(records, [_ENTROPY_KEY.value, accuracy_key])
+        _, entropy, accuracy = runs.series(records, [_ENTROPY_KEY.value, accuracy_key])
         law_points[name] = (entropy, accuracy, summary.fit)
-        _, *check = analysis.series(records, [analysis.CHECK_NATURAL_KEY,
-                                              analysis.CHECK_VANILLA_KEY,
-                                              analysis.CHECK_MEASURED_KEY])
+        check = runs.entropy_check_series(records)
         if check[0].size:
-            checks[name] = tuple(check)
-        dumps = analysis.cov_dump_paths(workdir, records)
+            checks[name] = check
+        dumps = runs.cov_dump_paths(workdir, records)
         if dumps:
             first, last = min(dumps), max(dumps)
-            analysis.plot_cov_histogram(
-                {f"step {s}": analysis.load_cov(dumps[s]) for s in sorted({first, last})},
+            plots.plot_cov_histogram(
+                {f"step {s}": runs.load_cov(dumps[s]) for s in sorted({first, last})},
                 out(f"cov_hist_{_file_safe(name)}.png"), **marks[workdir])
 
-    analysis.plot_entropy_and_reward(runs, out("entropy_reward.png"),
-                                     entropy_key=_ENTROPY_KEY.value, reward_key=_REWARD_KEY.value)
-    analysis.plot_law_fit(law_points, out("law_fit.png"),
-                          accuracy_label=", ".join(sorted({s.accuracy_key for s in summaries})))
+    plots.plot_entropy_and_reward(runs_by_name, out("entropy_reward.png"),
+                                  entropy_key=_ENTROPY_KEY.value, reward_key=_REWARD_KEY.value)
+    plots.plot_law_fit(law_points, out("law_fit.png"),
+                       accuracy_label=", ".join(sorted({s.accuracy_key for s in summaries})))
     if checks:
-        analysis.plot_entropy_check(checks, out("entropy_check.png"))
-    equal_reward = analysis.equal_reward_entropies(
-        runs, level=_EQUAL_REWARD.value, window=_WINDOW.value, entropy_key=_ENTROPY_KEY.value,
-        reward_key=_REWARD_KEY.value)
-    markdown = analysis.summary_markdown(
+        plots.plot_entropy_check(checks, out("entropy_check.png"))
+    equal_reward = stats.equal_reward_entropies(
+        runs_by_name, level=_EQUAL_REWARD.value, window=_WINDOW.value,
+        entropy_key=_ENTROPY_KEY.value, reward_key=_REWARD_KEY.value)
+    markdown = stats.summary_markdown(
         summaries, equal_reward, fit_fraction=_FIT_FRACTION.value, bin_steps=_BIN_STEPS.value,
         window=_WINDOW.value, concentration_min_step=_CONCENTRATION_MIN_STEP.value)
     markdown += "\n## Figures\n\n" + "".join(f"![{f}]({f})\n" for f in figures)
-    with open(os.path.join(_OUT.value, "summary.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
         f.write(markdown)
-    print(markdown)
+    return markdown
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -1,7 +1,7 @@
 """The config schema of `python -m covjax.train`: every key, its default, its type and its range.
 
-A config file (configs/*.py) builds on `base_config()` (through `toy_config` or `paper_recipe`) and
-changes values; `validate` then checks the resolved config (after the command-line overrides)
+A config file (configs/*.py) builds on `base_config()` (through configs/recipes.py) and changes
+values; `validate` then checks the resolved config (after the command-line overrides)
 before anything is compiled: an unknown key, a value of the wrong type or out of its range stops
 the run with an error that names the key, e.g.
 `config.loss.clip_cov_ratio=2.0 is out of range (0, 1]`.
@@ -9,6 +9,7 @@ the run with an error that names the key, e.g.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import math
@@ -19,13 +20,9 @@ from typing import Any
 import ml_collections
 
 from covjax.advantages import ESTIMATORS
-from covjax.losses import AGG_MODES, KL_ESTIMATORS, METHODS
+from covjax.losses import AGG_MODES, KL_ESTIMATORS, METHODS, LossConfig
 from covjax.model.config import DTYPES, REMAT_POLICIES
-from covjax.rewards.toy import WarmStart
-
-# The recipe names of configs/*.py -> loss.method (GRPO and Clip-Higher are PPO's clip).
-RECIPE_METHODS = {"grpo": "ppo", "clip_higher": "ppo", "clip_cov": "clip_cov", "kl_cov": "kl_cov"}
-MODEL_SIZES = ("7b", "32b")
+from covjax.tasks.toy_warm_start import WarmStart
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -43,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"
     c.model.scan_layers = False
 
-    # --- Data: "toy" (covjax/rewards/toy.py) or "math" (local parquet/jsonl files).
+    # --- Data: "toy" (covjax/tasks/toy.py) or "math" (local parquet/jsonl files).
     c.data = ml_collections.ConfigDict()
     c.data.task = "toy"
     c.data.train_files = ""  # comma-separated local files (math)
@@ -53,8 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.prompt_suffix = ""  # instruction after each question; "" = covjax.data's default
     c.data.toy = ml_collections.ConfigDict()
     c.data.toy.variant = "easy"  # "easy" saturates, "hard" shows the entropy-reward law
-    # the supervised warm start's defaults (2000 steps, batch 256, lr 3e-3, 65% correct answers)
-    # and why: covjax.rewards.toy.WarmStart; toy_config's hard variant keeps 600 steps
+    # the supervised warm start: covjax.tasks.toy_warm_start.WarmStart's defaults and why
     warm_start = WarmStart()
     c.data.toy.warm_start_steps = warm_start.steps
     c.data.toy.warm_start_batch = warm_start.batch_size
@@ -72,23 +68,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.max_new_tokens = 7  # the toy's 6 digits + EOS
     c.rollout.max_gen_rounds = 3  # dynamic sampling: generation rounds to fill one step
 
-    # --- Policy loss (covjax.losses.policy_loss keywords).
-    c.loss = ml_collections.ConfigDict()
-    c.loss.method = "clip_cov"
+    # --- Policy loss: the fields of covjax.losses.LossConfig (their defaults are the paper's),
+    # then the step's own keys. The toy changes five of them (docs/toy_results.md, "Settings").
+    c.loss = ml_collections.ConfigDict(dataclasses.asdict(LossConfig(method="clip_cov")))
     c.loss.clip_low = 1.0  # Clip-Cov recipe: eps = 1 so PPO clipping only trims extremes
     c.loss.clip_high = 1.0
-    c.loss.dual_clip_c = 3.0
-    # toy (easy), docs/toy_results.md "Settings": the paper's 2e-4 touches one token of a
-    # mini-batch; from r = 0.2 on, the band decides how many are touched, so its lower bound is
-    # 0.5 (the paper's band is [1, 5]: paper_recipe and the hard variant keep it)
+    # the paper's r = 2e-4 touches one token of a toy mini-batch; from r = 0.2 on, the band
+    # decides how many are touched, so its lower bound is 0.5 (the paper's band is [1, 5])
     c.loss.clip_cov_ratio = 0.2
     c.loss.clip_cov_lb = 0.5
-    c.loss.clip_cov_ub = 5.0
-    # toy (easy), docs/toy_results.md "Settings": k = 0.4 held 3x GRPO's entropy on the four
-    # selection seeds 2-5 (k = 0.2 on none); toy_config's hard variant: 0.1
-    c.loss.kl_cov_ratio = 0.4
-    c.loss.kl_cov_coef = 2.0  # beta; the paper and its recipes use 1 (verl's file default 0.1)
-    c.loss.loss_agg_mode = "token-mean"
+    c.loss.kl_cov_ratio = 0.4  # the easy toy's k; its hard variant and the recipes set their own
+    c.loss.kl_cov_coef = 2.0  # beta; the paper and its recipes use 1
     c.loss.cov_scope = "minibatch"  # "microbatch" = the reference's per-micro-batch selection
     c.loss.entropy_coef = 0.0
     c.loss.kl_coef = 0.0  # > 0 keeps a frozen reference policy and adds a KL loss
@@ -117,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- Training loop. Intervals count RL steps; 0 turns the thing off.
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 300  # TOY.md; the easy variant saturates by ~30, entropy keeps falling
+    c.train.steps = 300  # the easy variant saturates by ~30, entropy keeps falling
     c.train.prompts_per_step = 64
     c.train.mini_batch_prompts = 16  # 4 optimizer updates per rollout step
     c.train.micro_batch_size = 128  # responses per forward/backward
@@ -133,6 +123,11 @@ def base_config() -> ml_collections.ConfigDict:
 # ---------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A bad config value, or a relation between values that does not hold: the message names
+    the key and the value (the entry points print it as one line)."""
 
 
 def _choice(options: tuple) -> tuple[Callable[[Any], bool], str]:
@@ -204,11 +199,11 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in d.items():
         if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -225,133 +220,74 @@ def _type_ok(value: Any, default: Any) -> bool:
 
 def flat_schema() -> dict[str, Any]:
     """Every config key as a dotted path ("loss.method"), with its default."""
-    return _flatten(base_config().to_dict())
+    return flatten(base_config().to_dict())
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the key on an unknown/missing key, a wrong type or a bad value."""
     schema = flat_schema()
-    values = _flatten(config.to_dict())
+    values = flatten(config.to_dict())
     unknown = sorted(set(values) - set(schema))
     if unknown:
-        raise ValueError(f"config.{unknown[0]} is not a known key (unknown keys: {unknown})")
+        raise ConfigError(f"config.{unknown[0]} is not a known key (unknown keys: {unknown})")
     missing = sorted(set(schema) - set(values))
     if missing:
-        raise ValueError(f"config.{missing[0]} is missing (missing keys: {missing})")
+        raise ConfigError(f"config.{missing[0]} is missing (missing keys: {missing})")
     for key, default in schema.items():
         value = values[key]
         if not _type_ok(value, default):
-            raise ValueError(
+            raise ConfigError(
                 f"config.{key}={value!r} has type {type(value).__name__}, "
                 f"expected {type(default).__name__}"
             )
         if key in RANGES:
             ok, why = RANGES[key]
             if not ok(value):
-                raise ValueError(f"config.{key}={value!r} is {why}")
+                raise ConfigError(f"config.{key}={value!r} is {why}")
     _validate_relations(config)
 
 
 def _validate_relations(c: ml_collections.ConfigDict) -> None:
     """Checks between keys: group size, batch divisibility, the Clip-Cov band, real-model inputs."""
     if c.rollout.n < 2:  # covjax.advantages gives a group of one response advantage 0
-        raise ValueError(
+        raise ConfigError(
             f"config.rollout.n={c.rollout.n}: the {c.advantage.estimator} estimator needs at "
             "least 2 responses per prompt (its baseline is the group's mean)"
         )
     if c.train.prompts_per_step % c.train.mini_batch_prompts:
-        raise ValueError(
+        raise ConfigError(
             f"config.train.prompts_per_step={c.train.prompts_per_step} is not a multiple of "
             f"config.train.mini_batch_prompts={c.train.mini_batch_prompts}"
         )
     mini_batch = c.train.mini_batch_prompts * c.rollout.n
     if mini_batch % c.train.micro_batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"config.train.micro_batch_size={c.train.micro_batch_size} does not divide the "
             f"mini-batch of {mini_batch} responses (mini_batch_prompts * rollout.n)"
         )
     if c.loss.clip_cov_lb >= c.loss.clip_cov_ub:
-        raise ValueError(
+        raise ConfigError(
             f"config.loss.clip_cov_lb={c.loss.clip_cov_lb} must be below "
             f"config.loss.clip_cov_ub={c.loss.clip_cov_ub}"
         )
     if c.data.task == "toy":
         if c.model.path:
-            raise ValueError(f"config.model.path={c.model.path!r} must be empty for the toy task")
+            raise ConfigError(f"config.model.path={c.model.path!r} must be empty for the toy task")
         return
     if not c.model.path:
-        raise ValueError("config.model.path is empty: set it to a local Hugging Face model folder")
+        raise ConfigError("config.model.path is empty: set it to a local Hugging Face model folder")
     for key in ("path", "tokenizer_path"):
         path = c.model[key]
         if path and not os.path.isdir(os.path.expanduser(path)):
-            raise FileNotFoundError(f"config.model.{key}={path!r} is not a directory")
+            raise ConfigError(f"config.model.{key}={path!r} is not a directory")
     if not c.data.train_files:
-        raise ValueError("config.data.train_files is empty: set it to local parquet/jsonl files")
+        raise ConfigError("config.data.train_files is empty: set it to local parquet/jsonl files")
     for path in split_files(c.data.train_files):
         if not os.path.exists(os.path.expanduser(path)):
-            raise FileNotFoundError(f"config.data.train_files: {path!r} does not exist")
+            raise ConfigError(f"config.data.train_files: {path!r} does not exist")
     for name, path in split_named_files(c.data.eval_files).items():
         if not os.path.exists(os.path.expanduser(path)):
-            raise FileNotFoundError(f"config.data.eval_files: {name}={path!r} does not exist")
-
-
-# Keys a resumed run may change: how the run is executed, not what it computes. Its parameters,
-# optimizer state and data position come from the checkpoint; the mesh, the micro-batch split and
-# the remat policy change the memory and the summation order, not the experiment.
-RESUME_MAY_CHANGE = (
-    "train.steps",
-    "train.checkpoint_interval",
-    "train.eval_interval",
-    "train.log_interval",
-    "train.cov_dump_interval",
-    "train.entropy_check_interval",
-    "train.micro_batch_size",
-    "train.logprob_chunk_size",
-    "mesh.data",
-    "mesh.fsdp",
-    "mesh.tensor",
-    "model.remat",
-    "data.toy.cache_dir",
-)
-
-
-def _comparable(flat: dict[str, Any]) -> dict[str, Any]:
-    """The flat config with its local paths resolved ("~/m" and "/home/u/m" are one folder)."""
-    def resolve(path: str) -> str:
-        return os.path.realpath(os.path.expanduser(path)) if path else path
-
-    out = dict(flat)
-    for key in ("model.path", "model.tokenizer_path"):
-        if isinstance(out.get(key), str):
-            out[key] = resolve(out[key])
-    if isinstance(out.get("data.train_files"), str):
-        out["data.train_files"] = [resolve(p) for p in split_files(out["data.train_files"])]
-    if isinstance(out.get("data.eval_files"), str):
-        named = split_named_files(out["data.eval_files"])
-        out["data.eval_files"] = {name: resolve(p) for name, p in named.items()}
-    return out
-
-
-def check_resume(saved: Mapping[str, Any], config: ml_collections.ConfigDict, source: str) -> None:
-    """Raises ValueError naming every key outside RESUME_MAY_CHANGE whose value differs between
-    the config a checkpointed run was started with (`saved`, read from `source`) and `config`, so
-    a reused workdir never continues one experiment under another's settings. Local paths are
-    compared resolved; keys that only one of them has (a config written by another covjax
-    version) are not compared."""
-    old = _flatten(saved)
-    new = _flatten(json.loads(to_json(config)))  # as config.json holds it
-    old_cmp, new_cmp = _comparable(old), _comparable(new)
-    changed = [
-        f"config.{key}: {old[key]!r} -> {new[key]!r}"
-        for key in sorted(old.keys() & new.keys())
-        if key not in RESUME_MAY_CHANGE and old_cmp[key] != new_cmp[key]
-    ]
-    if changed:
-        raise ValueError(
-            f"{source} holds a checkpointed run of another config ({'; '.join(changed)}): "
-            "resume it with the config it was started with (only "
-            f"{', '.join(RESUME_MAY_CHANGE)} may change), or pass a new --workdir"
-        )
+            raise ConfigError(f"config.data.eval_files: {name}={path!r} does not exist")
 
 
 def unknown_override_keys(argv: list[str]) -> list[str]:
@@ -393,127 +329,3 @@ def split_named_files(spec: str, *, source: str = "config.data.eval_files") -> d
 def to_json(config: ml_collections.ConfigDict) -> str:
     """The resolved config as indented JSON (written to the workdir at start)."""
     return json.dumps(config.to_dict(), indent=2, sort_keys=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared bases of configs/*.py
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_arg(arg: str | None, allowed: tuple[str, ...]) -> set[str]:
-    """The comma-separated words of a config argument ("smoke,hard"), each checked."""
-    words = {w.strip() for w in (arg or "").split(",") if w.strip()}
-    bad = sorted(words - set(allowed))
-    if bad:
-        raise ValueError(f"config argument {arg!r}: {bad} not among {list(allowed)}")
-    return words
-
-
-def _check_recipe(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"recipe {name}={value!r} is not one of {list(allowed)}")
-
-
-def toy_config(method: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """The toy with one of grpo | clip_higher | clip_cov | kl_cov (settings: docs/toy_results.md).
-
-    arg: comma-separated words; "hard" picks the hard variant, "smoke" shrinks the run to a few
-    seconds (tests, CI).
-    """
-    _check_recipe("method", method, tuple(RECIPE_METHODS))
-    words = parse_arg(arg, ("smoke", "hard"))
-    c = base_config()
-    c.loss.method = RECIPE_METHODS[method]
-    if method in ("grpo", "clip_higher", "kl_cov"):
-        c.loss.clip_low, c.loss.clip_high = 0.2, (0.28 if method == "clip_higher" else 0.2)
-    if "hard" in words:
-        c.data.toy.variant = "hard"
-        # docs/toy_results.md, "Settings": the non-saturating variant makes 4 updates every step
-        # and loses reward with the easy variant's ratios; it keeps the paper's band [1, 5] and
-        # the 600-step warm start (2000 steps start it at reward 0.44-0.64, little room to rise)
-        c.data.toy.warm_start_steps = 600
-        c.loss.clip_cov_ratio = 5e-2
-        c.loss.clip_cov_lb = 1.0
-        c.loss.kl_cov_ratio = 0.1
-    if "smoke" in words:
-        c.advantage.dynamic_sampling = False  # a 20-step warm start rarely varies in a group
-        c.data.toy.warm_start_steps = 20
-        c.data.toy.cache_dir = ""
-        c.data.toy.eval_samples = 2
-        c.train.steps = 4
-        c.train.prompts_per_step = 8
-        c.train.mini_batch_prompts = 4  # 2 updates per step, so KL-Cov's penalty can act
-        c.train.micro_batch_size = 8
-        c.train.checkpoint_interval = 2
-        c.train.eval_interval = 2
-        c.train.cov_dump_interval = 2
-        c.train.entropy_check_interval = 2
-    c.lock()
-    return c
-
-
-def paper_recipe(size: str, method: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """ALGORITHMS.md section 7 for Qwen2.5-{7B,32B}: DAPO-Math-17k, 256 x 8, mini-batch 32.
-
-    model.path and data.train_files must be given on the command line (validation says so).
-    arg "smoke" shrinks it to 2 steps of 8 prompts x 2 responses of at most 256 tokens.
-    """
-    _check_recipe("size", size, MODEL_SIZES)
-    _check_recipe("method", method, tuple(RECIPE_METHODS))
-    words = parse_arg(arg, ("smoke",))
-    c = base_config()
-    c.seed = 42
-    c.model.compute_dtype = "bfloat16"  # bf16 matmuls; params and Adam moments stay fp32
-    c.model.remat = "layer"  # 8192-token responses do not fit otherwise
-    c.model.scan_layers = True
-
-    c.data.task = "math"
-    c.data.schema = "auto"
-    c.data.max_prompt_length = 2048
-    c.data.toy.warm_start_steps = 0
-
-    c.rollout.n = 8
-    c.rollout.temperature = 1.0
-    c.rollout.max_new_tokens = 8192
-    c.rollout.max_gen_rounds = 10  # DAPO's max_num_gen_batches
-
-    c.loss.method = RECIPE_METHODS[method]
-    c.loss.clip_low, c.loss.clip_high = {
-        "grpo": (0.2, 0.2),
-        "clip_higher": (0.2, 0.28),
-        "clip_cov": (1.0, 1.0),
-        "kl_cov": (0.2, 0.2),  # unused: KL-Cov does not clip
-    }[method]
-    c.loss.clip_cov_ratio = 2e-4
-    c.loss.clip_cov_lb, c.loss.clip_cov_ub = 1.0, 5.0
-    c.loss.kl_cov_ratio = {"7b": 2e-3, "32b": 2e-4}[size]
-    c.loss.kl_cov_coef = 1.0
-
-    c.advantage.estimator = "grpo"
-    c.advantage.dynamic_sampling = True
-
-    c.optim.lr = 1e-6  # an fp32 master copy is what keeps such an lr from vanishing in bf16
-    c.optim.weight_decay = 0.0
-    c.optim.grad_clip = 1.0
-
-    c.mesh.fsdp = -1  # every device shards the weights; add tensor=N for 32B on small chips
-
-    c.train.steps = 500
-    c.train.prompts_per_step = 256
-    c.train.mini_batch_prompts = 32  # 8 optimizer updates per rollout step
-    c.train.micro_batch_size = {"7b": 16, "32b": 8}[size]
-    c.train.checkpoint_interval = 10
-    c.train.eval_interval = 20
-    c.train.cov_dump_interval = 20
-    c.train.entropy_check_interval = 20
-    if "smoke" in words:
-        c.rollout.max_new_tokens = 256
-        c.rollout.n = 2
-        c.rollout.max_gen_rounds = 2
-        c.train.steps = 2
-        c.train.prompts_per_step = 8
-        c.train.mini_batch_prompts = 4  # 8 rows: one per device of an 8-chip host
-        c.train.micro_batch_size = 4
-        c.train.eval_interval = 0
-    c.lock()
-    return c

@@ -7,13 +7,15 @@ of verl). Every per-token array is ``[B, T]`` (sequences x response positions); 
 on real response tokens. Values at masked positions never reach a loss, a gradient or a
 selection: they are replaced by zeros first, so padding may hold anything (even NaN).
 
-All hyperparameters (``method``, ``loss_agg_mode``, ratios, bounds, coefficients) are plain Python
-values, checked in Python: under ``jax.jit`` pass them as static arguments (or bind them with
-``functools.partial``). Out-of-range values raise ``ValueError`` naming the argument and the value.
+The hyperparameters (``method``, ``loss_agg_mode``, ratios, bounds, coefficients) travel in one
+frozen, hashable ``LossConfig``, checked when it is made: under ``jax.jit`` pass it as a static
+argument (or bind it with ``functools.partial``). Out-of-range values raise ``ValueError`` naming
+the field and the value.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numbers
@@ -34,7 +36,6 @@ AGG_MODES = (
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 LOG_RATIO_CLAMP = 20.0  # |logp - old_logp| is clamped to this before exp (ALGORITHMS.md section 3)
 KL_CLAMP = 10.0  # the k3 estimate is clamped to [-KL_CLAMP, KL_CLAMP] (as verl's low_var_kl)
-DEFAULT_DUAL_CLIP_C = 3.0
 # A denominator of the aggregation: a Python number, a traced scalar (the global count of a
 # mini-batch inside jit), or None for the count of the given arrays.
 Count = int | float | jax.Array | None
@@ -215,19 +216,47 @@ def _check_positive_count(name: str, value: Count) -> None:
         raise ValueError(f"{name} must be > 0, got {name}={value!r}")
 
 
-def _check_selection_hparams(
-    method, clip_low, clip_high, clip_cov_ratio, clip_cov_lb, clip_cov_ub, kl_cov_ratio
-) -> None:
-    _check_choice("method", method, METHODS)
-    _check_nonnegative("clip_low", clip_low)
-    _check_nonnegative("clip_high", clip_high)
-    _check_ratio("clip_cov_ratio", clip_cov_ratio)
-    _check_ratio("kl_cov_ratio", kl_cov_ratio)
-    if not clip_cov_lb < clip_cov_ub:
-        raise ValueError(
-            "clip_cov_lb must be < clip_cov_ub, got "
-            f"clip_cov_lb={clip_cov_lb!r}, clip_cov_ub={clip_cov_ub!r}"
-        )
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The policy loss's hyperparameters (ALGORITHMS.md sections 3-5); defaults are the paper's.
+
+    method: "ppo" (GRPO's clip; Clip-Higher when clip_high > clip_low), "dual_clip", "clip_cov"
+    or "kl_cov". clip_low/clip_high: PPO's eps; dual_clip_c: dual-clip's c (> 1);
+    clip_cov_ratio, clip_cov_lb, clip_cov_ub: Clip-Cov's r and its covariance band (lb, ub);
+    kl_cov_ratio, kl_cov_coef: KL-Cov's k and beta; loss_agg_mode: ALGORITHMS.md section 4.
+    """
+
+    method: str
+    loss_agg_mode: str = "token-mean"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip_c: float = 3.0
+    clip_cov_ratio: float = 2e-4
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 2e-4
+    kl_cov_coef: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        _check_choice("loss_agg_mode", self.loss_agg_mode, AGG_MODES)
+        _check_nonnegative("clip_low", self.clip_low)
+        _check_nonnegative("clip_high", self.clip_high)
+        if not (isinstance(self.dual_clip_c, numbers.Real) and self.dual_clip_c > 1):
+            raise ValueError(f"dual_clip_c must be > 1, got dual_clip_c={self.dual_clip_c!r}")
+        _check_ratio("clip_cov_ratio", self.clip_cov_ratio)
+        _check_ratio("kl_cov_ratio", self.kl_cov_ratio)
+        if not self.clip_cov_lb < self.clip_cov_ub:
+            raise ValueError(
+                "clip_cov_lb must be < clip_cov_ub, got "
+                f"clip_cov_lb={self.clip_cov_lb!r}, clip_cov_ub={self.clip_cov_ub!r}"
+            )
+        _check_nonnegative("kl_cov_coef", self.kl_cov_coef)
+
+    @property
+    def selects(self) -> bool:
+        """Whether the method selects tokens by covariance (Clip-Cov, KL-Cov)."""
+        return self.method in ("clip_cov", "kl_cov")
 
 
 def _check_pair(logp, mask, *others) -> None:
@@ -392,15 +421,9 @@ def select_tokens(
     old_logp: jax.Array,
     advantages: jax.Array,
     mask: jax.Array,
+    config: LossConfig,
     *,
-    method: str,
     rng: jax.Array | None = None,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    clip_cov_ratio: float = 2e-4,
-    clip_cov_lb: float = 1.0,
-    clip_cov_ub: float = 5.0,
-    kl_cov_ratio: float = 2e-4,
 ) -> jax.Array:
     """The tokens Clip-Cov detaches or KL-Cov penalises, chosen over the given arrays (the scope).
 
@@ -420,39 +443,32 @@ def select_tokens(
     Call this on the whole optimizer mini-batch and pass the result to ``policy_loss(selected=)``
     for every micro-batch (ALGORITHMS.md section 5). Returns ``[B, T]`` bool, False where masked.
     """
-    _check_selection_hparams(
-        method, clip_low, clip_high, clip_cov_ratio, clip_cov_lb, clip_cov_ub, kl_cov_ratio
-    )
     _check_pair(logp, mask, old_logp, advantages)
-    if method == "clip_cov" and rng is None:
+    if config.method == "clip_cov" and rng is None:
         raise ValueError("rng must be a JAX PRNG key for method='clip_cov', got rng=None")
     mask = mask.astype(bool)
     logp = jax.lax.stop_gradient(_masked(logp, mask))
     advantages = _masked(advantages, mask)
-    return _select(
-        method,
-        mask,
-        _covariance(logp, advantages, mask),
-        _ppo_clipped(logp, _masked(old_logp, mask), advantages, mask, clip_low, clip_high),
-        rng,
-        clip_cov_ratio,
-        clip_cov_lb,
-        clip_cov_ub,
-        kl_cov_ratio,
+    ppo_clipped = _ppo_clipped(
+        logp, _masked(old_logp, mask), advantages, mask, config.clip_low, config.clip_high
     )
+    return _select(config, mask, _covariance(logp, advantages, mask), ppo_clipped, rng)
 
 
-def _select(method, mask, cov, ppo_clipped, rng, clip_cov_ratio, lb, ub, kl_cov_ratio):
+def _select(
+    config: LossConfig, mask: jax.Array, cov: jax.Array, ppo_clipped: jax.Array, rng
+) -> jax.Array:
     """``select_tokens`` given the covariance and the PPO-clipped tokens."""
-    if method in ("ppo", "dual_clip"):
+    if not config.selects:
         return jnp.zeros(mask.shape, bool)
-    if method == "clip_cov":
-        eligible = mask & ~ppo_clipped & (cov > lb) & (cov < ub)
+    if config.method == "clip_cov":
+        band = (cov > config.clip_cov_lb) & (cov < config.clip_cov_ub)
+        eligible = mask & ~ppo_clipped & band
         score = jnp.where(eligible, _random_keys(rng, mask.shape), -jnp.inf)
-        ratio = clip_cov_ratio
+        ratio = config.clip_cov_ratio
     else:
         score = jnp.where(mask, cov, -jnp.inf)
-        ratio = kl_cov_ratio
+        ratio = config.kl_cov_ratio
     size = mask.size
     count = jnp.maximum(_floor_count(ratio, jnp.sum(mask, dtype=jnp.int32), size), 1)
     return _select_top(score, count, min(size, max(1, math.ceil(ratio * size))))
@@ -569,18 +585,9 @@ def policy_loss(
     old_logp: jax.Array,
     advantages: jax.Array,
     mask: jax.Array,
+    config: LossConfig,
     *,
-    method: str,
     rng: jax.Array | None = None,
-    loss_agg_mode: str = "token-mean",
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip_c: float | None = None,
-    clip_cov_ratio: float = 2e-4,
-    clip_cov_lb: float = 1.0,
-    clip_cov_ub: float = 5.0,
-    kl_cov_ratio: float = 2e-4,
-    kl_cov_coef: float = 1.0,
     selected: jax.Array | None = None,
     num_tokens: Count = None,
     num_seqs: Count = None,
@@ -589,10 +596,10 @@ def policy_loss(
     """Policy-gradient loss with PPO clipping or covariance-based entropy control.
 
     With rho = exp(clip(logp - old_logp, -20, 20)), L1 = -A rho and
-    L2 = -A clip(rho, 1 - clip_low, 1 + clip_high), the per-token loss L is:
+    L2 = -A clip(rho, 1 - clip_low, 1 + clip_high), the per-token loss L is (fields of `config`):
 
     - ``ppo``: max(L1, L2) (GRPO's clip; Clip-Higher when clip_high > clip_low, DAPO 0.2/0.28).
-    - ``dual_clip``: as ppo, and for A < 0 also min(., -A c) with c = dual_clip_c (default 3).
+    - ``dual_clip``: as ppo, and for A < 0 also min(., -A c) with c = dual_clip_c.
     - ``clip_cov`` (Clip-Cov): max(L1, L2), except on the selected tokens where L = 0, so they get
       no gradient but stay in the token-mean denominator. The paper's recipe: clip_low =
       clip_high = 1, clip_cov_ratio = 2e-4, bounds (1, 5).
@@ -613,27 +620,15 @@ def policy_loss(
     ``dual_clip_frac`` (tokens bounded by -A c; 0 unless dual_clip), ``ppo_kl``
     (mean of old_logp - logp), ``cov_mean`` and ``cov_selected_mean`` (Eq. 10 covariance).
     """
-    _check_selection_hparams(
-        method, clip_low, clip_high, clip_cov_ratio, clip_cov_lb, clip_cov_ub, kl_cov_ratio
-    )
-    _check_choice("loss_agg_mode", loss_agg_mode, AGG_MODES)
-    _check_nonnegative("kl_cov_coef", kl_cov_coef)
-    if dual_clip_c is not None:
-        if method != "dual_clip":
-            raise ValueError(
-                f"dual_clip_c is only used by method='dual_clip', got dual_clip_c={dual_clip_c!r} "
-                f"with method={method!r}"
-            )
-        if not (isinstance(dual_clip_c, numbers.Real) and dual_clip_c > 1):
-            raise ValueError(f"dual_clip_c must be > 1, got dual_clip_c={dual_clip_c!r}")
     _check_pair(logp, mask, old_logp, advantages)
+    method = config.method
     if method == "clip_cov" and selected is None and rng is None:
         raise ValueError("rng must be a JAX PRNG key for method='clip_cov', got rng=None")
     mask = mask.astype(bool)
     logp = _masked(logp, mask)
     old_logp = _masked(old_logp, mask)
     advantages = _masked(advantages, mask)
-    loss1, loss2 = _surrogates(logp, old_logp, advantages, clip_low, clip_high)
+    loss1, loss2 = _surrogates(logp, old_logp, advantages, config.clip_low, config.clip_high)
     ppo_clipped = (loss2 > loss1) & mask
     cov = _covariance(logp, advantages, mask)
     if selected is None:
@@ -643,17 +638,10 @@ def policy_loss(
         # those of ppo_clipped above; tests check that select_tokens chooses the same tokens.
         # (The trainer's default cov_scope="minibatch" passes `selected` and skips this.)
         selection_logp, selection_old_logp = jax.lax.optimization_barrier((logp, old_logp))
-        selected = _select(
-            method,
-            mask,
-            cov,
-            _ppo_clipped(selection_logp, selection_old_logp, advantages, mask, clip_low, clip_high),
-            rng,
-            clip_cov_ratio,
-            clip_cov_lb,
-            clip_cov_ub,
-            kl_cov_ratio,
+        selection_clipped = _ppo_clipped(
+            selection_logp, selection_old_logp, advantages, mask, config.clip_low, config.clip_high
         )
+        selected = _select(config, mask, cov, selection_clipped, rng)
     else:
         chex.assert_equal_shape([selected, mask])
         selected = selected.astype(bool) & mask
@@ -663,20 +651,21 @@ def policy_loss(
     if method == "kl_cov":
         # |d| written as sign(d) * d: d|d|/dd = sign(d), 0 at d = 0 as in torch (jnp.abs gives 1)
         log_ratio = logp - old_logp
-        penalty = kl_cov_coef * jax.lax.stop_gradient(jnp.sign(log_ratio)) * log_ratio
+        penalty = config.kl_cov_coef * jax.lax.stop_gradient(jnp.sign(log_ratio)) * log_ratio
         loss_mat = loss1 + jnp.where(selected, penalty, 0.0)
         ppo_clip_frac = zero
     else:
         loss_mat = jnp.maximum(loss1, loss2)
         ppo_clip_frac = _masked_mean(ppo_clipped, mask)
         if method == "dual_clip":
-            bound = -advantages * (DEFAULT_DUAL_CLIP_C if dual_clip_c is None else dual_clip_c)
+            bound = -advantages * config.dual_clip_c
             dual_clipped = (advantages < 0) & (loss_mat > bound) & mask
             loss_mat = jnp.where(advantages < 0, jnp.minimum(loss_mat, bound), loss_mat)
         elif method == "clip_cov":
             loss_mat = jnp.where(selected, 0.0, loss_mat)
     loss = aggregate(
-        loss_mat, mask, loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len
+        loss_mat, mask, config.loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs,
+        max_len=max_len,
     )
 
     num_selected = jnp.sum(selected, dtype=jnp.int32)

@@ -1,6 +1,6 @@
 """Rollout engine: batched autoregressive sampling with a KV cache, one jitted program per shape.
 
-The flow of `Sampler.generate` (DESIGN.md, "sampler.generate"):
+The flow of `Sampler.generate`:
 
 1. Host: validate, left-pad every prompt to a length bucket P, repeat each prompt `n` times
    (responses of prompt i are rows i*n .. i*n+n-1) and pad the batch to a batch bucket B with
@@ -57,7 +57,8 @@ from jax.sharding import PartitionSpec as P
 
 from covjax.model import ModelConfig, init_cache
 from covjax.model.config import DTYPES
-from covjax.sharding import data_sharding, host_gather
+from covjax.multihost import host_gather
+from covjax.sharding import data_sharding
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -87,6 +88,38 @@ class Rollout:
     stopped: np.ndarray  # [N] bool: True = ended by a stop token, False = by the length budget
     group_ids: np.ndarray  # [N] int32: prompt index
     prompt_length: int  # P
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How `Sampler.generate` samples: `n` responses of at most `max_new_tokens` per prompt.
+
+    temperature 0 is greedy (top_p and top_k are then moot); top_k 0 and top_p 1 are off;
+    a row ends at its first token in `stop_token_ids` (kept in the response) or at its budget.
+    Checked when made, except the bounds that depend on the model (context, vocabulary).
+    """
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = 1
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.n, 1):
+            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
+        if not _is_int(self.max_new_tokens, 1):
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        t = self.temperature
+        if not (isinstance(t, numbers.Real) and t >= 0):
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {t!r}")
+        if not (isinstance(self.top_p, numbers.Real) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k, 0):
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        # a list or numpy array of ids becomes a tuple, so the params stay hashable
+        object.__setattr__(self, "stop_token_ids", tuple(int(s) for s in self.stop_token_ids))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,35 +302,22 @@ class Sampler:
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
         *,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        n: int = 1,
-        stop_token_ids: Sequence[int] = (),
         rng: jax.Array,
         pad_id: int = 0,
         budgets: Sequence[int] | None = None,
     ) -> Rollout:
-        """Samples `n` responses for each prompt (token-id lists); see the module docstring.
+        """Samples `params.n` responses for each prompt (token-id lists); see the module docstring.
 
         `budgets` (optional, one int in [1, max_new_tokens] per response row) caps each row's
         response length below max_new_tokens: the benchmark uses it to end rows at preset lengths.
         """
         prompts = _token_lists(prompts)
-        budgets = self._validate(
-            prompts,
-            max_new_tokens,
-            temperature,
-            top_p,
-            top_k,
-            n,
-            stop_token_ids,
-            rng,
-            budgets,
-            pad_id,
-        )
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        budgets = self._validate(prompts, params, rng, budgets, pad_id)
+        n, max_new_tokens, temperature = params.n, params.max_new_tokens, params.temperature
         num_rows = len(prompts) * n
         prompt_len = _bucket(max(len(p) for p in prompts), self.length_buckets)
         batch = _bucket(num_rows, self.batch_buckets, self._batch_shards)
@@ -313,8 +333,9 @@ class Sampler:
 
         mode = SamplingMode(
             greedy=temperature == 0,
-            top_k=0 if temperature == 0 or top_k >= self.config.vocab_size else int(top_k),
-            use_top_p=temperature != 0 and top_p < 1.0,
+            top_k=0 if temperature == 0 or params.top_k >= self.config.vocab_size
+            else int(params.top_k),
+            use_top_p=temperature != 0 and params.top_p < 1.0,
         )
         static = _Static(int(max_new_tokens), mode, self.compute_dtype)
         graphdef, state = nnx.split(self.model)
@@ -329,10 +350,10 @@ class Sampler:
                 static,
                 state,
                 *args,
-                jnp.asarray(sorted(set(map(int, stop_token_ids))), jnp.int32),
+                jnp.asarray(sorted(set(params.stop_token_ids)), jnp.int32),
                 rng,
                 jnp.float32(max(temperature, 1e-6)),
-                jnp.float32(top_p),
+                jnp.float32(params.top_p),
                 pad_id,
             )
         # every process gets all rows (an all-gather when the mesh spans several processes)
@@ -350,26 +371,17 @@ class Sampler:
 
     # ------------------------------------------------------------------ internals
 
-    def _validate(
-        self, prompts, max_new_tokens, temperature, top_p, top_k, n, stops, rng, budgets, pad_id
-    ) -> np.ndarray:
+    def _validate(self, prompts, params: SamplingParams, rng, budgets, pad_id) -> np.ndarray:
         """Raises ValueError naming the bad argument; returns the per-row budgets [N]."""
         if not prompts:
             raise ValueError("prompts is empty: need at least one prompt")
-        if not _is_int(n, 1):
-            raise ValueError(f"n must be an int >= 1, got {n!r}")
         context = self.config.max_position_embeddings
-        if not (_is_int(max_new_tokens, 1) and max_new_tokens < context):
+        max_new_tokens, stops = params.max_new_tokens, params.stop_token_ids
+        if not max_new_tokens < context:
             raise ValueError(
                 f"max_new_tokens must be an int in [1, max_position_embeddings={context}), "
                 f"got {max_new_tokens!r}"
             )
-        if not (isinstance(temperature, numbers.Real) and temperature >= 0):
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-        if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        if not _is_int(top_k, 0):
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
         if rng is None:
             raise ValueError("rng must be a JAX PRNG key (jax.random.key(seed)), got None")
         vocab = self.config.vocab_size
@@ -387,7 +399,7 @@ class Sampler:
                 raise ValueError(f"prompts[{i}] has token ids outside [0, vocab_size={vocab})")
         if any(not 0 <= int(s) < vocab for s in stops):
             raise ValueError(f"stop_token_ids must lie in [0, vocab_size={vocab}), got {stops}")
-        num_rows = len(prompts) * n
+        num_rows = len(prompts) * params.n
         if budgets is None:
             return np.full((num_rows,), max_new_tokens, np.int32)
         budgets = np.asarray(budgets, np.int32)

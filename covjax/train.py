@@ -27,7 +27,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from covjax import config as config_lib
-from covjax import sharding, trainer
+from covjax import multihost, trainer
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_covjax_info_or_library_warning)
-    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    multihost.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     # one log: process 0 logs progress, the others only warnings and errors
     logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     if _WORKDIR.value is None and jax.process_count() > 1:
@@ -84,6 +84,8 @@ def main(argv: list[str]) -> None:
     logging.info("workdir: %s", workdir)
     try:
         trainer.train(_CONFIG.value, workdir)
+    except config_lib.ConfigError as error:  # bad input: one line, no traceback
+        sys.exit(f"FATAL {error}")
     except trainer.StoppedBySignal as stopped:
         # exit as a process killed by the signal would, so `train && eval` does not go on
         logging.warning("%s", stopped)

@@ -1,4 +1,4 @@
-"""The jitted, sharded update of one optimizer mini-batch (DESIGN.md, "for each mini-batch").
+"""The jitted, sharded update of one optimizer mini-batch.
 
     covariance + selection over the whole mini-batch (cov_scope="minibatch")
     -> micro-batch forward/backward with the selection as an input mask, gradients accumulated
@@ -33,7 +33,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from covjax import losses, sharding
 
 Batch = dict[str, jax.Array]
-SELECTING_METHODS = ("clip_cov", "kl_cov")
 
 
 @struct.dataclass
@@ -47,33 +46,28 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """The static settings of the update (a jit-static, hashable copy of config.loss & co)."""
+    """The static settings of the update (jit-static and hashable): the policy loss's LossConfig
+    and what the step adds around it (config.loss, config.rollout and config.train keys)."""
 
-    method: str = "clip_cov"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip_c: float = 3.0
-    clip_cov_ratio: float = 2e-4
-    clip_cov_lb: float = 1.0
-    clip_cov_ub: float = 5.0
-    kl_cov_ratio: float = 2e-4
-    kl_cov_coef: float = 1.0
-    loss_agg_mode: str = "token-mean"
-    cov_scope: str = "minibatch"
-    entropy_coef: float = 0.0
-    kl_coef: float = 0.0
-    kl_estimator: str = "low_var_kl"
-    temperature: float = 1.0
-    micro_batch_size: int = 8
-    chunk_size: int = 1024
+    loss: losses.LossConfig
+    cov_scope: str
+    entropy_coef: float
+    kl_coef: float
+    kl_estimator: str
+    temperature: float
+    micro_batch_size: int
+    chunk_size: int
 
     @classmethod
     def from_config(cls, config) -> StepConfig:
         """From a validated covjax config (covjax/config.py)."""
-        names = [f.name for f in dataclasses.fields(cls) if f.name in config.loss]
-        loss = {name: config.loss[name] for name in names}
+        loss_fields = [f.name for f in dataclasses.fields(losses.LossConfig)]
         return cls(
-            **loss,
+            loss=losses.LossConfig(**{name: config.loss[name] for name in loss_fields}),
+            cov_scope=config.loss.cov_scope,
+            entropy_coef=float(config.loss.entropy_coef),
+            kl_coef=float(config.loss.kl_coef),
+            kl_estimator=config.loss.kl_estimator,
             temperature=float(config.rollout.temperature),
             micro_batch_size=int(config.train.micro_batch_size),
             chunk_size=int(config.train.logprob_chunk_size),
@@ -82,22 +76,7 @@ class StepConfig:
     @property
     def preselect(self) -> bool:
         """Whether the update needs the selection pre-pass over the whole mini-batch."""
-        return self.method in SELECTING_METHODS and self.cov_scope == "minibatch"
-
-    def loss_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of covjax.losses.policy_loss taken from this config."""
-        return dict(
-            method=self.method,
-            loss_agg_mode=self.loss_agg_mode,
-            clip_low=self.clip_low,
-            clip_high=self.clip_high,
-            dual_clip_c=self.dual_clip_c if self.method == "dual_clip" else None,
-            clip_cov_ratio=self.clip_cov_ratio,
-            clip_cov_lb=self.clip_cov_lb,
-            clip_cov_ub=self.clip_cov_ub,
-            kl_cov_ratio=self.kl_cov_ratio,
-            kl_cov_coef=self.kl_cov_coef,
-        )
+        return self.loss.selects and self.cov_scope == "minibatch"
 
 
 def make_optimizer(
@@ -221,23 +200,18 @@ def micro_batch_loss(
     logp, entropy = response_logprobs(graphdef, params, rest, batch, cfg)
     mask = batch["mask"]
     loss, aux = losses.policy_loss(
-        logp,
-        batch["old_logp"],
-        batch["advantages"],
-        mask,
-        rng=rng,
-        selected=selected,
+        logp, batch["old_logp"], batch["advantages"], mask, cfg.loss, rng=rng, selected=selected,
         **denominators,
-        **cfg.loss_kwargs(),
     )
     if cfg.entropy_coef > 0:
         loss = loss + losses.entropy_bonus(
-            entropy, mask, entropy_coef=cfg.entropy_coef, loss_agg_mode=cfg.loss_agg_mode,
+            entropy, mask, entropy_coef=cfg.entropy_coef, loss_agg_mode=cfg.loss.loss_agg_mode,
             **denominators,
         )
     if cfg.kl_coef > 0:
         kl = losses.kl_penalty(logp, batch["ref_logp"], mask, estimator=cfg.kl_estimator)
-        loss = loss + cfg.kl_coef * losses.aggregate(kl, mask, cfg.loss_agg_mode, **denominators)
+        kl_loss = losses.aggregate(kl, mask, cfg.loss.loss_agg_mode, **denominators)
+        loss = loss + cfg.kl_coef * kl_loss
     count = jnp.sum(mask.astype(jnp.float32))
     num_selected = aux["num_selected"].astype(jnp.float32)
     stats = dict(
@@ -265,18 +239,7 @@ def select_minibatch(
     covariance (covjax.losses.select_tokens; `rng`: Clip-Cov's random choice)."""
     logp, _ = batched_logprobs(graphdef, params, rest, batch, cfg)
     selected = losses.select_tokens(
-        logp,
-        batch["old_logp"],
-        batch["advantages"],
-        batch["mask"],
-        method=cfg.method,
-        rng=rng,
-        clip_low=cfg.clip_low,
-        clip_high=cfg.clip_high,
-        clip_cov_ratio=cfg.clip_cov_ratio,
-        clip_cov_lb=cfg.clip_cov_lb,
-        clip_cov_ub=cfg.clip_cov_ub,
-        kl_cov_ratio=cfg.kl_cov_ratio,
+        logp, batch["old_logp"], batch["advantages"], batch["mask"], cfg.loss, rng=rng
     )
     return logp, selected
 

@@ -1,9 +1,15 @@
 """Offline builders shared by the tests: tiny random transformers models, a word-level chat
-tokenizer, jsonl files. Everything is made in-process or under tmp_path; nothing is downloaded.
-torch, transformers and tokenizers are imported where used, so that importing this module for
-TINY_SHAPE costs nothing."""
+tokenizer, jsonl files, the recipes of configs/. Everything is made in-process or under tmp_path;
+nothing is downloaded. torch, transformers and tokenizers are imported where used, so that
+importing this module for TINY_SHAPE costs nothing."""
 
+import functools
 import json
+import pathlib
+import runpy
+import types
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 # The shape of the tiny models (2 layers, width 64, GQA 4 query / 2 KV heads of 16 dims); tests
 # add the vocabulary and whatever their family varies.
@@ -20,6 +26,13 @@ HF_CLASSES = {  # family -> (transformers config class, causal-LM class)
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
 }
+
+
+@functools.cache
+def recipes() -> types.SimpleNamespace:
+    """configs/recipes.py (toy_config, paper_recipe, ...), run by path as the config files run
+    it: configs/ is not a package."""
+    return types.SimpleNamespace(**runpy.run_path(str(REPO / "configs" / "recipes.py")))
 
 
 def tiny_hf_model(family: str, seed: int, **config):

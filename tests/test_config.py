@@ -7,7 +7,9 @@ import pathlib
 
 import ml_collections
 import pytest
+from helpers import recipes
 
+from covjax import checkpointing
 from covjax import config as config_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -24,7 +26,15 @@ def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def test_every_config_file_is_listed():
-    assert sorted(p.stem for p in CONFIGS.glob("*.py")) == sorted(TOY + RECIPES)
+    assert sorted(p.stem for p in CONFIGS.glob("*.py")) == sorted(TOY + RECIPES + ["recipes"])
+    assert "get_config" not in vars(recipes())  # the recipes' module is not a config file
+
+
+def test_config_files_load_from_any_directory(tmp_path, monkeypatch):
+    """ml_collections loads a config file by its path, so each one finds recipes.py by its own."""
+    monkeypatch.chdir(tmp_path)
+    assert load("toy_grpo", "smoke").loss.method == "ppo"
+    assert load("qwen2_5_32b_kl_cov").loss.kl_cov_ratio == 2e-4
 
 
 @pytest.mark.parametrize("name", TOY)
@@ -70,7 +80,7 @@ def test_recipes_need_model_and_data(name, tmp_path):
     with pytest.raises(ValueError, match="config.model.path is empty"):
         config_lib.validate(c)
     c.model.path = str(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="config.model.path="):
+    with pytest.raises(config_lib.ConfigError, match="config.model.path="):
         config_lib.validate(c)
     (tmp_path / "model").mkdir()
     c.model.path = str(tmp_path / "model")
@@ -88,7 +98,9 @@ def test_recipes_follow_algorithms_md_section_7(name):
     assert (c.rollout.temperature, c.rollout.top_p) == (1.0, 1.0)
     assert (c.data.max_prompt_length, c.rollout.max_new_tokens) == (2048, 8192)
     assert (c.loss.loss_agg_mode, c.loss.entropy_coef, c.loss.kl_coef) == ("token-mean", 0.0, 0.0)
-    assert (c.optim.lr, c.optim.weight_decay, c.optim.grad_clip) == (1e-6, 0.0, 1.0)
+    lr = {"7b": 5e-7, "32b": 1e-6}[size]  # the paper's scripts
+    assert (c.optim.lr, c.optim.weight_decay, c.optim.grad_clip) == (lr, 0.0, 1.0)
+    assert c.train.eval_interval == 4  # the paper validates every 4 rollout steps
     assert c.advantage.estimator == "grpo" and c.advantage.dynamic_sampling
     expected = {
         "grpo": ("ppo", 0.2, 0.2),
@@ -165,11 +177,11 @@ def test_config_argument_is_checked():
     with pytest.raises(ValueError, match=r"config argument 'smok'"):
         load("default", "smok")
     with pytest.raises(ValueError, match=r"recipe method='ppo2'"):
-        config_lib.toy_config("ppo2")
+        recipes().toy_config("ppo2")
     with pytest.raises(ValueError, match=r"recipe size='70b'"):
-        config_lib.paper_recipe("70b", "grpo")
+        recipes().paper_recipe("70b", "grpo")
     with pytest.raises(ValueError, match=r"recipe method='dapo'"):
-        config_lib.paper_recipe("7b", "dapo")
+        recipes().paper_recipe("7b", "dapo")
 
 
 def test_reinforce_pp_needs_groups_too():
@@ -199,14 +211,14 @@ def test_named_eval_files_parse():
 
 def test_resume_refuses_a_changed_experiment_and_names_every_change():
     saved = json.loads(config_lib.to_json(load("default")))
-    config_lib.check_resume(saved, load("default"), "run/config.json")  # the same config
+    checkpointing.check_resume(saved, load("default"), "run/config.json")  # the same config
     go_on = load("default")
     go_on.train.steps, go_on.mesh.fsdp, go_on.train.micro_batch_size = 600, 2, 64
-    config_lib.check_resume(saved, go_on, "run/config.json")  # run longer, on another mesh
+    checkpointing.check_resume(saved, go_on, "run/config.json")  # run longer, on another mesh
     other = load("toy_kl_cov", "hard")
     other.seed, other.train.steps = 3, 600
     with pytest.raises(ValueError) as error:
-        config_lib.check_resume(saved, other, "run/config.json")
+        checkpointing.check_resume(saved, other, "run/config.json")
     message = str(error.value)
     assert message.startswith("run/config.json holds a checkpointed run of another config")
     for change in ("config.loss.method: 'clip_cov' -> 'kl_cov'", "config.seed: 0 -> 3",
@@ -216,7 +228,7 @@ def test_resume_refuses_a_changed_experiment_and_names_every_change():
     older = dict(saved, loss={k: v for k, v in saved["loss"].items() if k != "method"})
     kl_cov = load("default")
     kl_cov.loss.method = "kl_cov"
-    config_lib.check_resume(older, kl_cov, "run/config.json")  # a key it lacks is not compared
+    checkpointing.check_resume(older, kl_cov, "run/config.json")  # a key it lacks is not compared
 
 
 def test_resume_compares_local_paths_resolved(tmp_path, monkeypatch):
@@ -229,14 +241,14 @@ def test_resume_compares_local_paths_resolved(tmp_path, monkeypatch):
     same = load("qwen2_5_7b_grpo")
     same.model.path, same.data.train_files = "~/m", "~/d.jsonl"
     same.data.eval_files = "math500=~/./d.jsonl"
-    config_lib.check_resume(json.loads(config_lib.to_json(saved)), same, "run/config.json")
+    checkpointing.check_resume(json.loads(config_lib.to_json(saved)), same, "run/config.json")
     same.data.eval_files = "aime=~/d.jsonl"
     with pytest.raises(ValueError, match="config.data.eval_files: 'math500="):
-        config_lib.check_resume(json.loads(config_lib.to_json(saved)), same, "run/config.json")
+        checkpointing.check_resume(json.loads(config_lib.to_json(saved)), same, "run/config.json")
 
 
 def test_every_key_a_resume_may_change_is_a_config_key():
-    assert set(config_lib.RESUME_MAY_CHANGE) <= set(config_lib.flat_schema())
+    assert set(checkpointing.RESUME_MAY_CHANGE) <= set(config_lib.flat_schema())
 
 
 def test_unknown_overrides_are_named_with_the_closest_key():

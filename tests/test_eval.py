@@ -1,4 +1,5 @@
-"""covjax.eval end to end: `python -m covjax.eval --checkpoint=WORKDIR` on a tiny random Qwen2.
+"""`python -m covjax.eval` in a subprocess: `--checkpoint=WORKDIR` end to end on a tiny random
+Qwen2, and one line naming the flag for every bad flag value.
 
 References: a direct count over the written responses.jsonl, a fresh scoring of every response,
 and transformers' PyTorch greedy `generate` for the greedy set.
@@ -6,6 +7,7 @@ and transformers' PyTorch greedy `generate` for the greedy set.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,7 +18,6 @@ import torch
 from helpers import chatml, make_tokenizer, tiny_hf_model, write_jsonl
 
 from covjax import config as config_lib
-from covjax import eval as covjax_eval
 from covjax.rewards.math import score_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,8 +27,8 @@ MAX_NEW_TOKENS, SAMPLES_K = 12, 4
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A trainer-like workdir with a tiny model, two sets, and one CLI evaluation of it."""
+def files(tmp_path_factory):
+    """A trainer-like workdir with a tiny model, its tokenizer folder and two sets."""
     root = tmp_path_factory.mktemp("eval")
     tok, _ = make_tokenizer(WORDS)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
@@ -67,13 +68,21 @@ def run(tmp_path_factory):
     pd.DataFrame({"problem": ["Solve x", "Solve 3 x", "step 4"], "answer": [2, 3, 4]}).to_parquet(
         aime
     )
+    return dict(root=root, workdir=workdir, tokenizer=root / "tokenizer", math500=math500,
+                aime=aime, tok=tok, eos=eos, torch_model=torch_model)
+
+
+@pytest.fixture(scope="module")
+def run(files):
+    """One CLI evaluation of the workdir's model on both sets."""
+    workdir, math500, aime = files["workdir"], files["math500"], files["aime"]
     result = subprocess.run(
         [
             sys.executable,
             "-m",
             "covjax.eval",
             f"--checkpoint={workdir}",
-            f"--tokenizer={root / 'tokenizer'}",
+            f"--tokenizer={files['tokenizer']}",
             f"--data=math500={math500},aime24={aime}",
             "--instruction=",
             f"--max_new_tokens={MAX_NEW_TOKENS}",
@@ -96,24 +105,16 @@ def run(tmp_path_factory):
         stdout=result.stdout,
         summary=summary,
         records=records,
-        torch_model=torch_model,
-        tok=tok,
-        eos=eos,
+        torch_model=files["torch_model"],
+        tok=files["tok"],
+        eos=files["eos"],
     )
 
 
-def test_flags_left_unset_take_the_trainers_settings(run, tmp_path):
+def test_flags_left_unset_take_the_trainers_settings(run):
     assert "(the trainer's evaluation): --compute_dtype='float32', --schema='auto'\n" in (
         run["stdout"]  # the others were given, so they win
     )
-    recipe = config_lib.paper_recipe("7b", "kl_cov")
-    recipe.data.prompt_suffix = "Box it."
-    (tmp_path / "config.json").write_text(config_lib.to_json(recipe))
-    assert covjax_eval.training_eval_settings(str(tmp_path)) == {
-        "max_new_tokens": 8192, "compute_dtype": "bfloat16", "max_prompt_length": 2048,
-        "schema": "auto", "instruction": "Box it."}
-    (tmp_path / "config.json").write_text(config_lib.to_json(config_lib.toy_config("grpo")))
-    assert covjax_eval.training_eval_settings(str(tmp_path)) == {}  # the toy has no math sets
 
 
 def test_records_and_scores(run):
@@ -173,44 +174,58 @@ def test_greedy_responses_match_transformers(run):
         assert r["response"] == tok.decode(new, skip_special_tokens=True)
 
 
-def test_checkpoint_resolution_and_flags(tmp_path):
-    for name in ("hf_step_5", "hf_step_20", "hf_step_100x"):
-        os.makedirs(tmp_path / name)
-    assert covjax_eval.resolve_checkpoint(str(tmp_path)) == str(tmp_path / "hf_step_20")
-    os.makedirs(tmp_path / "hf_final")
-    assert covjax_eval.resolve_checkpoint(str(tmp_path)) == str(tmp_path / "hf_final")
-    with pytest.raises(FileNotFoundError, match="empty_workdir is not a directory"):
-        covjax_eval.resolve_checkpoint(str(tmp_path / "empty_workdir"))
-    os.makedirs(tmp_path / "no_models")
-    with pytest.raises(FileNotFoundError, match="no_models: no hf_final or hf_step_"):
-        covjax_eval.resolve_checkpoint(str(tmp_path / "no_models"))
-    result = subprocess.run(
-        [sys.executable, "-m", "covjax.eval", f"--model={tmp_path / 'nowhere'}",
-         f"--data=math500={tmp_path / 'math500.jsonl'}"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
-        timeout=300,
-    )
-    assert result.returncode != 0 and f"--model={tmp_path / 'nowhere'} is not a directory" in (
-        result.stderr
-    )
-    assert covjax_eval.parse_data_flag("math500=a.jsonl, aime24=b.parquet") == {
-        "math500": "a.jsonl",
-        "aime24": "b.parquet",
-    }
-    with pytest.raises(ValueError, match="'oops' is not name=path"):
-        covjax_eval.parse_data_flag("math500=a.jsonl,oops")
-    assert [covjax_eval.is_sampled_set(n) for n in ("AIME24", "amc23", "math500", "minerva")] == [
-        True,
-        True,
-        False,
-        False,
+def test_every_bad_flag_stops_with_one_line_before_the_model_loads(files, tmp_path):
+    """Each case in its own process, all started at once (each costs an interpreter start). Every
+    check comes before from_pretrained, and nothing is written."""
+    workdir, model, tokenizer = files["workdir"], files["workdir"] / "hf_step_3", files["tokenizer"]
+    good = [f"--model={model}", f"--tokenizer={tokenizer}", f"--data=math500={files['math500']}"]
+    empty, a_file, broken = tmp_path / "empty.jsonl", tmp_path / "file", tmp_path / "broken"
+    empty.write_text("")
+    a_file.write_text("")
+    shutil.copytree(model, broken / "hf_final")
+    (broken / "config.json").write_text("{not json")
+    absent = tmp_path / "absent"
+    cases = [  # (flags, what the line names)
+        ([*good, "--bogus=3"], ["--bogus=3: ", "'bogus'"]),
+        ([f"--data=math500={files['math500']}"], ["exactly one of --model", "--model=''"]),
+        ([*good, f"--checkpoint={workdir}"],
+         ["exactly one of --model", f"--checkpoint='{workdir}'"]),
+        ([f"--model={absent}", *good[1:]], [f"--model={absent}: ", "does not exist"]),
+        ([f"--model={tmp_path}", *good[1:]], [f"--model={tmp_path}: ", "config.json"]),
+        ([f"--checkpoint={absent}", *good[1:]], [f"--checkpoint={absent}: ", "not a directory"]),
+        ([f"--checkpoint={tmp_path}", *good[1:]],
+         [f"--checkpoint={tmp_path}: ", "no hf_final or hf_step_"]),
+        ([f"--checkpoint={broken}", *good[1:]],
+         [f"--checkpoint={broken}: ", "config.json is not JSON"]),
+        ([*good[:2], f"--data=math500={files['math500']},oops"],
+         [f"--data=math500={files['math500']},oops: ", "'oops' is not name=path"]),
+        ([*good[:2], f"--data=aime24={absent}.parquet"],
+         [f"--data=aime24={absent}.parquet: no such file"]),
+        ([*good[:2], "--data="], ["--data='': names no set"]),
+        ([*good[:2], f"--data=math500={empty}"], [f"--data=math500={empty}: ", "no rows"]),
+        ([good[0], f"--tokenizer={absent}", good[2]], [f"--tokenizer={absent}: "]),
+        ([*good, f"--output_dir={a_file}"], [f"--output_dir={a_file}: exists and is not a dir"]),
+        ([*good, "--batch_size=0"], ["--batch_size=0: "]),
+        ([*good, "--samples_k=0"], ["--samples_k=0: "]),
+        ([*good, "--max_new_tokens=-5"], ["--max_new_tokens=-5: "]),
+        ([*good, "--max_prompt_length=lots"], ["--max_prompt_length=lots: "]),
+        ([*good, "--temperature=-0.5"], ["--temperature=-0.5: "]),
+        ([*good, "--top_p=1.5"], ["--top_p=1.5: must be in (0, 1]"]),
+        ([*good, "--timeout_s=0"], ["--timeout_s=0.0: must be a positive number"]),
+        ([*good, "--num_workers=0"], ["--num_workers=0: "]),
+        ([*good, "--compute_dtype=int8"], ["--compute_dtype=int8: ", "float32"]),
+        ([*good, "--schema=xml"], ["--schema=xml: ", "auto"]),
+        ([*good, "stray"], ["unexpected arguments ['stray']"]),
     ]
-
-
-@pytest.mark.parametrize("name", ["batch_size", "samples_k"])
-def test_evaluate_rejects_bad_sizes_before_sampling(name):
-    """Checked first: no model, tokenizer or data is touched."""
-    with pytest.raises(ValueError, match=f"{name} must be an int >= 1, got {name}=0"):
-        covjax_eval.evaluate(None, None, {"math500": None}, **{name: 0})
-    with pytest.raises(ValueError, match="datasets is empty"):
-        covjax_eval.evaluate(None, None, {})
+    env = {**os.environ, "PYTHONPATH": REPO}
+    processes = [subprocess.Popen([sys.executable, "-m", "covjax.eval", *args], cwd=tmp_path,
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for args, _ in cases]
+    for process, (args, expected) in zip(processes, cases, strict=True):
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode != 0, args
+        assert len(stderr.splitlines()) == 1, (args, stderr)
+        assert stderr.startswith("FATAL Flags parsing error: "), (args, stderr)
+        for text in expected:
+            assert text in stderr, (args, text, stderr)
+    assert not os.path.exists(tmp_path / "eval")  # the default output folder of --model

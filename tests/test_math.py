@@ -1,5 +1,6 @@
 """covjax.rewards.math: answer extraction, math-verify equivalence, the hard per-check timeout."""
 
+import select
 import time
 
 import pytest
@@ -156,10 +157,23 @@ def test_timeout_kills_the_stuck_worker_and_keeps_order():
     assert math_reward.score_batch([r"\boxed{8}"] * 3, ["8"] * 3, num_workers=2) == [1.0] * 3
 
 
+def _wait_until_ready(pool):
+    """Drives `pool` until every worker has announced it is ready: waits (bounded) for a
+    starting worker to write, then lets a call read it. No sleeping on the start-up time."""
+    deadline = time.monotonic() + math_reward.WORKER_START_TIMEOUT_S
+    while starting := [w for w in pool.workers if not w.ready]:
+        readable, _, _ = select.select(starting, [], [], max(0.0, deadline - time.monotonic()))
+        assert readable, f"workers not ready in {math_reward.WORKER_START_TIMEOUT_S:g} s"
+        # The call's first wait sees every readable starting worker and reads its line.
+        assert pool.check([r"\boxed{1}"], ["1"], timeout_s=30.0) == [True]
+
+
 def test_dead_workers_are_replaced_whether_idle_or_starting():
     pool = math_reward.VerifierPool(2)
     try:
+        _wait_until_ready(pool)
         assert pool.check([r"\boxed{1}"] * 2, ["1"] * 2, timeout_s=30.0) == [True, True]
+        assert pool.num_restarts == 0
         pool.workers[0].proc.kill()  # idle and ready: its pipe breaks on the next item
         pool.workers[0].proc.wait()
         assert pool.check([r"\boxed{2}", r"\boxed{3}", r"\boxed{4}"], ["2", "3", "5"],
@@ -167,8 +181,12 @@ def test_dead_workers_are_replaced_whether_idle_or_starting():
         assert pool.num_restarts == 1
         pool.workers.append(math_reward._Worker(pool.memory_limit_mb))
         pool.workers[-1].proc.kill()  # dies before it is ready: a failed start, replaced
+        pool.workers[-1].proc.wait()  # its pipe is closed: the next call's first wait sees it
         assert pool.check([r"\boxed{6}"] * 3, ["6"] * 3, timeout_s=30.0) == [True] * 3
         assert pool.num_restarts == 2 and all(w.proc.poll() is None for w in pool.workers)
+        _wait_until_ready(pool)  # the replacements start and serve
+        assert pool.check([r"\boxed{7}"] * 3, ["7"] * 3, timeout_s=30.0) == [True] * 3
+        assert pool.num_restarts == 2 and len(pool.workers) == 3
     finally:
         pool.close()
 
@@ -176,7 +194,8 @@ def test_dead_workers_are_replaced_whether_idle_or_starting():
 def test_an_interrupted_call_leaves_no_stale_answers(monkeypatch):
     pool = math_reward.VerifierPool(2)
     try:
-        pool.check([r"\boxed{1}"] * 2, ["1"] * 2, timeout_s=30.0)  # ready
+        _wait_until_ready(pool)  # so that the interrupted call hands an item to each worker
+        assert pool.num_restarts == 0
         real_select = math_reward.select.select
 
         def interrupted(*args):

@@ -14,6 +14,7 @@
   multi-process runs, and jax.distributed's auto-detection on a Cloud TPU VM.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -29,18 +30,17 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import ragged_update_batch
+from helpers import ragged_update_batch, recipes
 from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.numpy import load_file
 
-from covjax import config as config_lib
-from covjax import sharding, train_step, trainer
+from covjax import losses, multihost, sharding, train_step, trainer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 B, P, R = 8, 2, 5  # rows, prompt length, response length
 LR = 0.1
-SMOKE = config_lib.toy_config("clip_cov", "smoke")
+SMOKE = recipes().toy_config("clip_cov", "smoke")
 TX = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(LR))
 
 
@@ -64,12 +64,20 @@ def batch(model):
     )
 
 
+def step_config(method: str, **loss_fields) -> train_step.StepConfig:
+    """SMOKE's step (no entropy or KL term, temperature 1) around `method`'s LossConfig, in
+    micro-batches of B // 2 rows."""
+    loss = losses.LossConfig(method, **loss_fields)
+    step = train_step.StepConfig.from_config(SMOKE)
+    return dataclasses.replace(step, loss=loss, micro_batch_size=B // 2)
+
+
 CONFIGS = {
-    "clip_cov": train_step.StepConfig(
-        method="clip_cov", clip_low=1.0, clip_high=1.0, clip_cov_ratio=0.2, clip_cov_lb=0.0,
-        clip_cov_ub=50.0, micro_batch_size=B // 2,
+    "clip_cov": step_config(
+        "clip_cov", clip_low=1.0, clip_high=1.0, clip_cov_ratio=0.2, clip_cov_lb=0.0,
+        clip_cov_ub=50.0,
     ),
-    "kl_cov": train_step.StepConfig(method="kl_cov", kl_cov_ratio=0.2, micro_batch_size=B // 2),
+    "kl_cov": step_config("kl_cov", kl_cov_ratio=0.2),
 }
 MESHES = {"fsdp8": (1, 8, 1), "fsdp4_tensor2": (1, 4, 2), "data2_fsdp4": (2, 4, 1)}
 _STEPS = {}
@@ -294,18 +302,18 @@ def test_process_rows_split_responses_without_overlap(monkeypatch, num_rows, pro
     got = []
     for index in range(processes):
         monkeypatch.setattr(jax, "process_index", lambda index=index: index)
-        got.append(sharding.process_rows(num_rows).tolist())
+        got.append(multihost.process_rows(num_rows).tolist())
     assert got == expected
 
 
 def test_mesh_of_a_multi_process_run_uses_every_device(monkeypatch, tmp_path):
-    config = config_lib.toy_config("clip_cov", "smoke")
+    config = recipes().toy_config("clip_cov", "smoke")
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(ValueError, match=r"data=1 x fsdp=1 x tensor=1 = 1 devices, but the 2 "
                                          r"processes have 8"):
-        trainer.make_mesh(config)
+        sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     monkeypatch.undo()
-    config = config_lib.toy_config("clip_cov", "smoke").unlock()
+    config = recipes().toy_config("clip_cov", "smoke").unlock()
     config.mesh.data, config.mesh.fsdp = 4, 4
     with pytest.raises(ValueError, match=r"data=4 x fsdp=4 x tensor=1 = 16 != 8 devices"):
         trainer.train(config, str(tmp_path / "run"))  # before anything is written or compiled
@@ -320,21 +328,21 @@ def test_cloud_tpu_vm_uses_jax_auto_detection(monkeypatch):
     for var in ("SLURM_NTASKS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS",
                 "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES"):
         monkeypatch.delenv(var, raising=False)
-    assert sharding.on_cloud_tpu_vm() is False  # this CPU machine
-    assert sharding.initialize_distributed() is False and calls == []
+    assert multihost.on_cloud_tpu_vm() is False  # this CPU machine
+    assert multihost.initialize_distributed() is False and calls == []
     from jax._src import cloud_tpu_init
 
     monkeypatch.setattr(cloud_tpu_init, "running_in_cloud_tpu_vm", True)  # JAX saw TPU chips
-    assert sharding.on_cloud_tpu_vm() is False  # ... but JAX_PLATFORMS=cpu: a CPU run
+    assert multihost.on_cloud_tpu_vm() is False  # ... but JAX_PLATFORMS=cpu: a CPU run
     platforms = jax.config.jax_platforms
     try:
         jax.config.update("jax_platforms", "tpu,cpu")  # read only: the backends already exist
-        assert sharding.on_cloud_tpu_vm() is True
+        assert multihost.on_cloud_tpu_vm() is True
     finally:
         jax.config.update("jax_platforms", platforms)
-    monkeypatch.setattr(sharding, "on_cloud_tpu_vm", lambda: True)
-    assert sharding.initialize_distributed() is True
+    monkeypatch.setattr(multihost, "on_cloud_tpu_vm", lambda: True)
+    assert multihost.initialize_distributed() is True
     assert calls == [((), {})]
-    monkeypatch.setattr(sharding, "on_cloud_tpu_vm", lambda: False)
+    monkeypatch.setattr(multihost, "on_cloud_tpu_vm", lambda: False)
     monkeypatch.setenv("TPU_PROCESS_ADDRESSES", "10.0.0.1:8476,10.0.0.2:8476")  # GKE
-    assert sharding.initialize_distributed() is True and len(calls) == 2
+    assert multihost.initialize_distributed() is True and len(calls) == 2

@@ -5,6 +5,8 @@ Mistral models saved offline to tmp_path), closed-form softmax / top-k / top-p d
 NumPy float64 (chi-square goodness of fit, scipy), and the training forward of covjax.model.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,14 @@ from helpers import TINY_SHAPE, tiny_hf_model
 from scipy import stats
 
 from covjax.model import from_pretrained
-from covjax.sampler import Rollout, Sampler, SamplingMode, decode_responses, sample_tokens
+from covjax.sampler import (
+    Rollout,
+    Sampler,
+    SamplingMode,
+    SamplingParams,
+    decode_responses,
+    sample_tokens,
+)
 from covjax.sharding import make_mesh, shard_model
 
 VOCAB = 128
@@ -90,7 +99,7 @@ def test_greedy_matches_transformers_generate(hf_models, family):
     model = from_pretrained(path, dtype=jnp.float32)
     prompts = _prompts([3, 7, 12], seed=1)
     rollout = Sampler(model).generate(
-        prompts, max_new_tokens=8, temperature=0.0, rng=jax.random.key(0)
+        prompts, SamplingParams(max_new_tokens=8, temperature=0.0), rng=jax.random.key(0)
     )
     p = rollout.prompt_length
     for i, prompt in enumerate(prompts):
@@ -111,9 +120,8 @@ def test_sampled_frequencies_match_softmax_over_temperature(qwen, qwen_sampler):
     _, torch_model = qwen
     prompt = _prompts([5], seed=2)[0]
     for i, temperature in enumerate((1.0, 0.7)):
-        rollout = qwen_sampler.generate(
-            [prompt], max_new_tokens=1, temperature=temperature, n=4096, rng=jax.random.key(3 + i)
-        )
+        params = SamplingParams(max_new_tokens=1, temperature=temperature, n=4096)
+        rollout = qwen_sampler.generate([prompt], params, rng=jax.random.key(3 + i))
         tokens = rollout.tokens[:, rollout.prompt_length]
         probs = _torch_probs(torch_model, prompt, temperature)
         counts = np.bincount(tokens, minlength=VOCAB)
@@ -193,9 +201,8 @@ def test_top_k_top_p_in_generate_sample_only_allowed_tokens(qwen, qwen_sampler):
     cum = np.cumsum(_truncated_reference(probs, 10, 1.0)[np.argsort(-probs)])
     top_p = float((cum[5] + cum[6]) / 2)
     ref = _truncated_reference(probs, 10, top_p)
-    rollout = qwen_sampler.generate(
-        [prompt], max_new_tokens=1, top_k=10, top_p=top_p, n=4096, rng=jax.random.key(5)
-    )
+    params = SamplingParams(max_new_tokens=1, temperature=1.0, top_k=10, top_p=top_p, n=4096)
+    rollout = qwen_sampler.generate([prompt], params, rng=jax.random.key(5))
     tokens = rollout.tokens[:, rollout.prompt_length]
     _assert_support(tokens, ref)
     np.testing.assert_allclose(
@@ -218,7 +225,9 @@ def _training_logprobs(model, rollout):
 def test_logprobs_equal_training_forward_and_n_responses_differ(qwen, qwen_sampler):
     model, _ = qwen
     rollout = qwen_sampler.generate(
-        _prompts([4, 10, 15], seed=6), max_new_tokens=16, n=3, rng=jax.random.key(7)
+        _prompts([4, 10, 15], seed=6),
+        SamplingParams(max_new_tokens=16, temperature=1.0, n=3),
+        rng=jax.random.key(7),
     )
     assert rollout.tokens.shape == (9, 32) and rollout.prompt_length == 16
     np.testing.assert_array_equal(rollout.group_ids, np.repeat(np.arange(3), 3))
@@ -233,7 +242,10 @@ def test_logprobs_equal_training_forward_and_n_responses_differ(qwen, qwen_sampl
 
 
 STOP_IDS = [t for t in range(VOCAB) if t % 12 == 1]
-STOP_CASE = dict(max_new_tokens=16, n=4, stop_token_ids=STOP_IDS, rng=jax.random.key(9))
+STOP_CASE = dict(
+    params=SamplingParams(max_new_tokens=16, temperature=1.0, n=4, stop_token_ids=STOP_IDS),
+    rng=jax.random.key(9),
+)
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +291,8 @@ def test_compaction_leaves_results_unchanged(qwen, qwen_sampler):
 def test_sharded_generation_equals_unsharded(hf_models):
     path, _ = hf_models["llama"]
     prompts = _prompts([5, 11], seed=10)
-    kwargs = dict(max_new_tokens=8, n=4, rng=jax.random.key(11))
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, n=4)
+    kwargs = dict(params=params, rng=jax.random.key(11))
     ref = Sampler(from_pretrained(path, dtype=jnp.float32)).generate(prompts, **kwargs)
     mesh = make_mesh(data=2, fsdp=4)
     model = shard_model(from_pretrained(path, dtype=jnp.float32), mesh)
@@ -293,7 +306,7 @@ def test_buckets_bound_compilations_and_weights_are_read_live(hf_models):
     model = from_pretrained(path, dtype=jnp.float32)
     sampler = Sampler(model, length_buckets=(16, 32), batch_buckets=(2,))
     p5, p11, p20 = _prompts([5, 11, 20], seed=12)
-    kwargs = dict(max_new_tokens=6, temperature=1.0, rng=jax.random.key(13))
+    kwargs = dict(params=SamplingParams(max_new_tokens=6, temperature=1.0), rng=jax.random.key(13))
     first = sampler.generate([p5], **kwargs)
     sampler.generate([p11], **kwargs)
     assert sampler.num_compilations == 1
@@ -312,15 +325,32 @@ def test_buckets_bound_compilations_and_weights_are_read_live(hf_models):
 @pytest.mark.parametrize(
     "override,match",
     [
-        (dict(prompts=[[1, 2], []]), "prompts\\[1\\] is empty"),
-        (dict(prompts=[]), "prompts is empty"),
-        (dict(prompts=[list(range(1, 100))], max_new_tokens=40), "max_position_embeddings"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(temperature=-0.5), "temperature"),
         (dict(n=0), "n must"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(top_k=-1), "top_k"),
+        (dict(temperature="1.0"), "temperature"),
+        (dict(n=None), "n must"),
+    ],
+)
+def test_bad_sampling_params_are_named(override, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**(dict(max_new_tokens=4, temperature=1.0) | override))
+
+
+def test_sampling_params_hold_stop_ids_as_a_hashable_tuple():
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, stop_token_ids=np.array([3, 1]))
+    assert params.stop_token_ids == (3, 1) and hash(params) == hash(dataclasses.replace(params))
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        (dict(prompts=[[1, 2], []]), "prompts\\[1\\] is empty"),
+        (dict(prompts=[]), "prompts is empty"),
+        (dict(prompts=[list(range(1, 100))], max_new_tokens=40), "max_position_embeddings"),
         (dict(prompts=[[1, VOCAB]]), "vocab_size"),
         (dict(max_new_tokens=128), "max_new_tokens"),
         (dict(rng=None), "rng"),
@@ -331,13 +361,16 @@ def test_buckets_bound_compilations_and_weights_are_read_live(hf_models):
         (dict(prompts=[[1.0, 2.0]]), r"prompts\[0\] must be a list of int token ids"),
         (dict(prompts="1 2 3"), "prompts must be a list of token-id lists"),
         (dict(pad_id=VOCAB), "pad_id"),
-        (dict(temperature="1.0"), "temperature"),
-        (dict(n=None), "n must"),
+        (dict(params=dict(max_new_tokens=4, temperature=1.0)), "params must be a SamplingParams"),
     ],
 )
 def test_bad_inputs_raise_before_compiling(qwen, override, match):
+    """What only the model can check (context, vocabulary) and generate's own arguments."""
     sampler = Sampler(qwen[0])
-    kwargs = dict(prompts=[[1, 2, 3]], max_new_tokens=4, rng=jax.random.key(0)) | override
+    kwargs = dict(prompts=[[1, 2, 3]], max_new_tokens=4, stop_token_ids=(), rng=jax.random.key(0))
+    kwargs |= override
+    fields = {k: kwargs.pop(k) for k in ("max_new_tokens", "stop_token_ids")}
+    kwargs.setdefault("params", SamplingParams(temperature=1.0, **fields))
     with pytest.raises(ValueError, match=match):
         sampler.generate(kwargs.pop("prompts"), **kwargs)
     assert sampler.num_compilations == 0

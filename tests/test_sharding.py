@@ -9,16 +9,15 @@ from helpers import TINY_SHAPE
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from covjax import sharding
+from covjax import multihost
 from covjax.model import ModelConfig, Transformer
+from covjax.multihost import initialize_distributed
 from covjax.sharding import (
     constrain,
     data_sharding,
-    initialize_distributed,
     logical_to_spec,
     make_mesh,
     mesh_shape,
-    mesh_shape_from_config,
     shard_model,
 )
 
@@ -52,8 +51,7 @@ def test_bad_mesh_shapes_name_the_numbers(sizes, message):
         mesh_shape(*sizes, num_devices=8)
 
 
-def test_mesh_from_config_and_make_mesh():
-    assert mesh_shape_from_config({"data": 2, "tensor": 2}, num_devices=8) == (2, 2, 2)
+def test_make_mesh():
     assert jax.device_count() == 8
     mesh = make_mesh(data=2, fsdp=-1, tensor=2)
     assert mesh.axis_names == ("data", "fsdp", "tensor")
@@ -141,6 +139,6 @@ def test_initialize_distributed(recorded_init, monkeypatch):
 
 def test_tpu_pod_detection(recorded_init, monkeypatch):
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w0")
-    assert sharding.initialize_distributed() is False
+    assert multihost.initialize_distributed() is False
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w0,w1")
-    assert sharding.initialize_distributed() is True
+    assert multihost.initialize_distributed() is True

@@ -7,6 +7,7 @@ from covjax.model.hf import (
     hf_state_dict,
     load_tokenizer,
     save_pretrained,
+    stop_ids,
 )
 from covjax.model.transformer import Block, KVCache, Transformer, init_cache
 
@@ -22,4 +23,5 @@ __all__ = [
     "init_cache",
     "load_tokenizer",
     "save_pretrained",
+    "stop_ids",
 ]

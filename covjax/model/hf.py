@@ -329,7 +329,7 @@ def save_pretrained(
 ) -> None:
     """Writes config.json + model.safetensors (+ tokenizer files) for transformers to load, and
     the generation_config.json of `source_dir` (the folder the model came from) when it has one,
-    so the saved model keeps its stop tokens (covjax.eval.stop_ids reads them there).
+    so the saved model keeps its stop tokens (stop_ids reads them there).
 
     In a multi-process run every process must call it (the gather is collective); process 0
     writes.
@@ -357,3 +357,15 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer folder {path} does not exist")
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def stop_ids(model_dir: str | os.PathLike, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end a response: the tokenizer's EOS plus the eos_token_id(s) of the
+    folder's generation_config.json (instruct models stop on an end-of-turn token there)."""
+    ids = {tokenizer.eos_token_id}
+    path = os.path.join(os.fspath(model_dir), "generation_config.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in ids if i is not None)

@@ -1,4 +1,4 @@
-"""Tests of covjax/toy_sweep.py: run names and issue 7's target judgement at its thresholds."""
+"""covjax.analysis.toy_sweep: run names, and each expected finding judged at its threshold."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from covjax import toy_sweep
+from covjax.analysis import toy_sweep
 
 
 def _row(variant: str, method: str, seed: int = 0, **values) -> toy_sweep.RunRow:
@@ -53,7 +53,7 @@ def test_run_name_round_trip():
 
 
 def test_targets_at_their_thresholds(tmp_path):
-    """Ratios, reward drops, R² and concentrations just either side of the issue's thresholds."""
+    """Ratios, reward drops, R² and concentrations just either side of the default thresholds."""
     rows = [
         # grpo keeps 0.2 of 1.0: lost exactly 80% (PASS); its final reward 0.99
         _row("easy", "grpo", initial_entropy=1.0, final_entropy=0.2, final_reward=0.99,

@@ -1,4 +1,4 @@
-"""The embedded toy task: "digits that sum to S" (shared/TOY.md).
+"""The embedded toy task: "digits that sum to S" (docs/toy_results.md).
 
 The prompt is a target sum S, the response exactly six digits followed by EOS; the reward is 1 if
 the digits sum to S, else 0. Many responses are correct for each S, so the policy's entropy over
@@ -8,34 +8,25 @@ correct answers is meaningful: that is where the paper's entropy collapse shows.
 - hard: digits 0-9, S in 4..50 (the extreme sums have few solutions, reward does not saturate).
 
 Everything a real model run gets from outside is made here offline: a WordLevel tokenizer wrapped
-as a `transformers.PreTrainedTokenizerFast` (so the toy runs the real models' code path), a tiny
-Qwen2-shaped model config (~100k parameters), and a supervised warm start that gives the RL run a
-policy with some but not full accuracy, cached per seed so that every method starts from the same
-policy.
+as a `transformers.PreTrainedTokenizerFast` (so the toy runs the real models' code path), the
+prompts and the exact reward checker. Its tiny model and supervised warm start live beside it, in
+covjax/tasks/toy_warm_start.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
+
+from covjax.sampler import Rollout, Sampler, SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
-
-    from covjax.model import ModelConfig
-    from covjax.sampler import Rollout
 
 NUM_DIGITS = 6  # a response is exactly this many digits, then EOS
 MIN_TARGET, MAX_TARGET = 4, 50  # the targets that have a token (the hard variant's range)
@@ -167,7 +158,7 @@ def score_rollout(rollout: Rollout, targets: Sequence[int], variant: Variant) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompts and warm-start data
+# Prompts and correct answers
 # ---------------------------------------------------------------------------------------------
 
 
@@ -209,174 +200,41 @@ def sample_correct(rng: np.random.Generator, targets: np.ndarray, variant: Varia
     return digits
 
 
-def warm_start_batch(
-    rng: np.random.Generator, batch_size: int, variant: Variant, frac_correct: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Supervised warm-start examples: (tokens [B, 9] int32, loss_mask [B, 9] bool).
-
-    A `frac_correct` share of the rows are correct answers drawn uniformly among the solutions, the
-    rest six uniform random digits of the variant's range (a random string is sometimes right by
-    chance). tokens = bos, S, 6 digits, eos; the mask marks the response tokens (digits and eos).
-    """
-    targets = sample_targets(rng, batch_size, variant)
-    correct = rng.random(batch_size) < frac_correct
-    random_digits = rng.integers(0, variant.max_digit + 1, (batch_size, NUM_DIGITS))
-    digits = np.where(correct[:, None], sample_correct(rng, targets, variant), random_digits)
-    vocab = vocabulary()
-    tokens = np.concatenate(
-        [
-            np.full((batch_size, 1), vocab[BOS]),
-            (vocab[f"S={MIN_TARGET}"] + targets - MIN_TARGET)[:, None],
-            digit_ids()[digits],
-            np.full((batch_size, 1), vocab[EOS]),
-        ],
-        axis=1,
-    ).astype(np.int32)
-    loss_mask = np.zeros_like(tokens, bool)
-    loss_mask[:, 2:] = True
-    return tokens, loss_mask
-
-
 # ---------------------------------------------------------------------------------------------
-# Model and warm start
+# The task the trainer runs
 # ---------------------------------------------------------------------------------------------
 
 
-def model_config(*, param_dtype: str = "float32", compute_dtype: str = "float32") -> ModelConfig:
-    """A tiny Qwen2-shaped decoder (2 layers, width 64, 4 heads, GQA 2 KV heads, ~94k params)."""
-    from covjax.model import ModelConfig
+class ToyTask:
+    """The toy as a covjax.tasks.Task: prompt batch k is drawn from (seed, k)."""
 
-    return ModelConfig(
-        architecture="qwen2",
-        vocab_size=len(vocabulary()),
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        rope_theta=10000.0,
-        rope_scaling=None,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,  # tied embeddings learned the sum 2-3x slower (measured)
-        attention_bias=True,
-        max_position_embeddings=64,
-        param_dtype=param_dtype,
-        compute_dtype=compute_dtype,
-    )
+    def __init__(self, variant: str, seed: int, eval_samples: int):
+        self.variant = get_variant(variant)
+        self.seed = seed
+        self.tokenizer = build_tokenizer()
+        self.stop_token_ids = (self.tokenizer.eos_token_id,)
+        self.eval_samples = eval_samples
+        self.position = 0  # prompt batches drawn so far
 
+    def next_prompts(self, count: int) -> tuple[list[list[int]], list[int]]:
+        rng = np.random.default_rng([self.seed, self.position])
+        self.position += 1
+        targets = [int(s) for s in sample_targets(rng, count, self.variant)]
+        return [prompt_ids(s) for s in targets], targets
 
-@dataclasses.dataclass(frozen=True)
-class WarmStart:
-    """The supervised warm start of TOY.md: Adam steps on a mix of correct and random answers."""
+    def score(self, rollout: Rollout, truths: Sequence[int]) -> np.ndarray:
+        return score_rollout(rollout, truths, self.variant)
 
-    # 2000 steps (easy): step-0 reward 0.59-0.67 on seeds 0-3, where 600 left seed 2 at 0.18;
-    # covjax/config.py's hard variant keeps 600 (2000 starts it at 0.44-0.64, little room to rise)
-    steps: int = 2000
-    batch_size: int = 256
-    lr: float = 3e-3
-    frac_correct: float = 0.65  # TOY.md: 25% learned nothing, 100% hit 0.91
+    def state(self) -> dict[str, int]:
+        return {"position": self.position}
 
+    def restore(self, state: dict[str, int]) -> None:
+        self.position = int(state["position"])
 
-def _param_leaves(model: nnx.Module) -> list[tuple[str, jax.Array]]:
-    """(path string, array) of the model's parameters, in flattening order."""
-    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
-    return [(jax.tree_util.keystr(p), x) for p, x in leaves]
-
-
-def _cache_path(
-    cache_dir: str,
-    variant: Variant,
-    seed: int,
-    ws: WarmStart,
-    model: nnx.Module,
-    batches: list[tuple[np.ndarray, np.ndarray]],
-) -> Path:
-    """The cache file of this warm start. Its key hashes the settings and also the initial
-    parameter values and the training batches themselves, so that a change of the model's
-    initialisation or of the data generation can never read a warm start made by older code."""
-    digest = hashlib.sha256(
-        json.dumps([variant.name, seed, dataclasses.asdict(ws)], sort_keys=True).encode()
-    )
-    for name, x in _param_leaves(model):
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(np.asarray(x)).tobytes())
-    for tokens, mask in batches:
-        digest.update(tokens.tobytes())
-        digest.update(mask.tobytes())
-    name = f"toy_{variant.name}_seed{seed}_{digest.hexdigest()[:12]}.npz"
-    return Path(cache_dir).expanduser() / name
-
-
-def _warm_start_batches(
-    variant: Variant, seed: int, ws: WarmStart
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The ws.steps (tokens, mask) batches of the warm start, drawn from the seed."""
-    rng = np.random.default_rng(seed)
-    return [
-        warm_start_batch(rng, ws.batch_size, variant, ws.frac_correct) for _ in range(ws.steps)
-    ]
-
-
-def _train_supervised(
-    model: nnx.Module, ws: WarmStart, batches: list[tuple[np.ndarray, np.ndarray]]
-) -> np.ndarray:
-    """Runs the warm start in place on `model`: next-token cross-entropy on the response tokens.
-
-    Returns the loss of every step."""
-    tokens = jnp.asarray(np.stack([b[0] for b in batches]))
-    masks = jnp.asarray(np.stack([b[1] for b in batches]))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = optax.adam(ws.lr)
-
-    def loss_fn(p, toks, mask):
-        logits = nnx.merge(graphdef, p, rest)(toks[:, :-1])
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, toks[:, 1:])
-        m = mask[:, 1:].astype(jnp.float32)
-        return jnp.sum(ce * m) / jnp.sum(m)
-
-    def step(carry, batch):
-        p, opt_state = carry
-        loss, grads = jax.value_and_grad(loss_fn)(p, *batch)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return (optax.apply_updates(p, updates), opt_state), loss
-
-    @jax.jit
-    def train(p, tokens, masks):
-        (p, _), losses = jax.lax.scan(step, (p, tx.init(p)), (tokens, masks))
-        return p, losses
-
-    new_params, step_losses = train(params, tokens, masks)
-    nnx.update(model, new_params)
-    return np.asarray(step_losses)
-
-
-def warm_start(
-    model: nnx.Module,
-    *,
-    variant: Variant,
-    seed: int,
-    ws: WarmStart = WarmStart(),
-    cache_dir: str = "",
-) -> bool:
-    """Puts the warm-started policy for (variant, seed) into `model` in place.
-
-    Deterministic for a given seed; with a cache_dir the result is stored there once
-    (toy_<variant>_seed<seed>_<hash>.npz, written atomically) and read back by every later run, so
-    all methods start from bit-identical policies. Returns True when it came from the cache.
-    """
-    batches = _warm_start_batches(variant, seed, ws)
-    path = _cache_path(cache_dir, variant, seed, ws, model, batches) if cache_dir else None
-    if path is not None and path.exists():
-        with np.load(path) as cached:
-            values = [cached[k] for k, _ in _param_leaves(model)]
-        state = nnx.state(model, nnx.Param)
-        nnx.update(model, jax.tree.unflatten(jax.tree.structure(state), values))
-        return True
-    _train_supervised(model, ws, batches)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, **{k: np.asarray(x) for k, x in _param_leaves(model)})
-        os.replace(tmp, path)
-    return False
+    def evaluate(self, sampler: Sampler, rng: jax.Array, params: SamplingParams
+                 ) -> dict[str, float]:
+        """val/toy/accuracy: eval_samples responses for every target of the variant."""
+        targets = list(range(self.variant.min_target, self.variant.max_target + 1))
+        params = dataclasses.replace(params, n=self.eval_samples)
+        rollout = sampler.generate([prompt_ids(s) for s in targets], params, rng=rng)
+        return {"val/toy/accuracy": float(self.score(rollout, targets).mean())}

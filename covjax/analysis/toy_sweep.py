@@ -1,17 +1,19 @@
-"""The toy reproduction of the entropy mechanism (issue 7): run the sweep, tabulate, judge targets.
+"""The toy reproduction of the entropy mechanism as a sweep: train the methods on both toy
+variants over several seeds, tabulate each run, and check the findings the toy should reproduce.
 
-    python -m covjax.toy_sweep run --out=runs/toy_sweep --seeds=0,1 --steps=300
-    python -m covjax.toy_sweep report --out=runs/toy_sweep --seeds=0,1 \
+    python -m covjax.analysis.toy_sweep run --out=runs/toy_sweep --seeds=0,1 --steps=300
+    python -m covjax.analysis.toy_sweep report --out=runs/toy_sweep --seeds=0,1 \
         --equal_reward=easy=0.9:0.99,hard=0.5:0.8
 
 `run` trains grpo, clip_higher, clip_cov and kl_cov (configs/toy_<method>.py, ":hard" for the
 non-saturating variant) one after another in subprocesses, into OUT/<variant>_<method>_s<seed>;
 every method of a seed starts from the same cached warm start (covjax.trainer). A run whose
 metrics.jsonl already holds its final record is skipped; an interrupted one resumes from its
-checkpoint. `report` reads the metrics back (covjax.analysis) into one table row per run, checks
-the issue's targets (per seed, then on how many seeds each holds) and writes table.md, targets.md,
-rows.json and figures/ into OUT/report (or --report_dir). notebooks/entropy_mechanism.ipynb calls
-the same functions.
+checkpoint. `report` reads the metrics back (covjax.analysis.runs, covjax.analysis.stats) into one
+table row per run, checks each expected finding against its threshold (evaluate_targets: per
+seed, then on how many seeds each holds) and writes table.md, targets.md, rows.json and figures/
+into OUT/report (or --report_dir). notebooks/entropy_mechanism.ipynb calls the same functions;
+docs/toy_results.md holds the results.
 
 Definitions used by the table and the targets (metric names: docs/metrics.md):
 - initial entropy = entropy/token_mean at step 0 (the warm-started policy);
@@ -19,9 +21,9 @@ Definitions used by the table and the targets (metric names: docs/metrics.md):
   `final_window` RL steps (one step's reward of 64 x 8 samples is noisy); final accuracy =
   val/toy/accuracy of the trainer's evaluation after the last step (every target, 16 samples);
 - the law R = -a exp(H) + b is fitted to (entropy/token_mean, val/toy/accuracy) at the evaluated
-  steps (covjax.analysis.summarize_run: raw, over 30-step bins, and fitted on the first half of
-  the evaluations predicting the second), and to (entropy/token_mean, reward/mean) of every step
-  (raw and over 10-step bins);
+  steps (covjax.analysis.stats.summarize_run: raw, over 30-step bins, and fitted on the first
+  half of the evaluations predicting the second), and to (entropy/token_mean, reward/mean) of
+  every step (raw and over 10-step bins);
 - tokens touched per step = mean of cov/num_selected (tokens Clip-Cov zeroed / KL-Cov
   penalised in the step, all mini-batches);
 - concentration = the median over the cov dumps from step `concentration_min_step` on of (mean
@@ -42,18 +44,25 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 
-from covjax import analysis
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from covjax import metrics
+from covjax.analysis import plots, stats
+from covjax.analysis.runs import (
+    Record,
+    cov_dump_paths,
+    entropy_check_series,
+    histogram_marks,
+    load_cov,
+    read_metrics,
+    series,
+)
 
 METHODS = ("grpo", "clip_higher", "clip_cov", "kl_cov")
 VARIANTS = ("easy", "hard")
-ACCURACY_KEY = "val/toy/accuracy"
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ACCURACY_KEY = metrics.val_accuracy("toy")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ----------------------------------------------------------------------------- running
@@ -92,7 +101,7 @@ def train_command(variant: str, method: str, seed: int, workdir: str, *, steps: 
 def is_complete(workdir: str, steps: int) -> bool:
     """True when `workdir`/metrics.jsonl holds the record of the final evaluation (step == steps),
     which the trainer writes after the last RL step."""
-    path = os.path.join(workdir, analysis.METRICS_FILE)
+    path = os.path.join(workdir, metrics.METRICS_FILE)
     if not os.path.isfile(path):
         return False
     with open(path, encoding="utf-8") as f:
@@ -194,9 +203,9 @@ class RunRow:
         return 1.0 - self.final_entropy / self.initial_entropy
 
 
-def _tail_mean(records: Sequence[analysis.Record], key: str, window: int) -> float:
+def _tail_mean(records: Sequence[Record], key: str, window: int) -> float:
     """Mean of `key` over the last `window` records that hold it."""
-    _, values = analysis.series(records, [key])
+    _, values = series(records, [key])
     return float(np.mean(values[-window:])) if values.size else math.nan
 
 
@@ -210,23 +219,23 @@ def summarize(name: str, workdir: str, *, final_window: int = 20, val_bin_steps:
     binned over `val_bin_steps` steps (the trainer evaluates every 10: a 10-step bin is one
     evaluation), the law on the per-step reward over `reward_bin_steps`."""
     variant, method, seed = _parse_name(name)
-    records = analysis.read_metrics(workdir)
-    rl_records = [r for r in records if analysis.ENTROPY_KEY in r]
-    val = analysis.summarize_run(name, workdir, records, accuracy_key=ACCURACY_KEY,
-                                 bin_steps=val_bin_steps,
+    records = read_metrics(workdir)
+    rl_records = [r for r in records if metrics.ENTROPY_TOKEN_MEAN in r]
+    val = stats.summarize_run(name, workdir, records, accuracy_key=ACCURACY_KEY,
+                              bin_steps=val_bin_steps,
+                              concentration_min_step=concentration_min_step)
+    reward = stats.summarize_run(name, workdir, records, accuracy_key=metrics.REWARD_MEAN,
+                                 bin_steps=reward_bin_steps,
                                  concentration_min_step=concentration_min_step)
-    reward = analysis.summarize_run(name, workdir, records, accuracy_key=analysis.REWARD_KEY,
-                                    bin_steps=reward_bin_steps,
-                                    concentration_min_step=concentration_min_step)
-    concentration = [c for step, c in analysis.concentration_by_step(workdir, records).items()
+    concentration = [c for step, c in stats.concentration_by_step(workdir, records).items()
                      if step >= concentration_min_step and math.isfinite(c)]
-    _, accuracy = analysis.series(records, [ACCURACY_KEY])
+    _, accuracy = series(records, [ACCURACY_KEY])
     extrapolation = val.extrapolation
     return RunRow(
         name=name, variant=variant, method=method, seed=seed, num_steps=val.num_steps,
         initial_entropy=val.initial_entropy,
-        final_entropy=_tail_mean(rl_records, analysis.ENTROPY_KEY, final_window),
-        final_reward=_tail_mean(rl_records, analysis.REWARD_KEY, final_window),
+        final_entropy=_tail_mean(rl_records, metrics.ENTROPY_TOKEN_MEAN, final_window),
+        final_reward=_tail_mean(rl_records, metrics.REWARD_MEAN, final_window),
         final_accuracy=float(accuracy[-1]) if accuracy.size else math.nan,
         law_a=_get(val.fit, "a"), law_b=_get(val.fit, "b"), law_r2=_get(val.fit, "r2"),
         law_r2_binned=_get(val.binned_fit, "r2"), ceiling=_get(val.fit, "ceiling"),
@@ -254,7 +263,8 @@ def _parse_name(name: str) -> tuple[str, str, int]:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """One of issue 7's targets on one (variant, seed): its numbers and whether it holds."""
+    """One checked finding on one (variant, seed): what it states, the numbers measured, and
+    whether it holds at its threshold."""
 
     target: str
     variant: str
@@ -271,10 +281,10 @@ class Target:
 def equal_reward(workdirs: Mapping[str, str], *, level: float | None, window: int = 10
                  ) -> tuple[float, dict[str, tuple[int, float] | None]]:
     """(level, {run: (step, entropy) where its moving-average reward first reaches level});
-    level None = the highest level every run reaches (covjax.analysis.equal_reward_entropies)."""
-    runs = {name: [r for r in analysis.read_metrics(w) if analysis.ENTROPY_KEY in r]
+    level None = the highest level every run reaches (stats.equal_reward_entropies)."""
+    runs = {name: [r for r in read_metrics(w) if metrics.ENTROPY_TOKEN_MEAN in r]
             for name, w in workdirs.items()}
-    return analysis.equal_reward_entropies(runs, level=level, window=window)
+    return stats.equal_reward_entropies(runs, level=level, window=window)
 
 
 def _fmt(x: float, spec: str = ".3g") -> str:
@@ -287,7 +297,8 @@ def evaluate_targets(rows: Sequence[RunRow], workdirs: Mapping[str, str], *,
                      min_concentration: float = 20.0,
                      equal_reward_levels: Mapping[str, Sequence[float]] | None = None,
                      window: int = 10) -> list[Target]:
-    """Issue 7's targets per (variant, seed), at the issue's thresholds:
+    """The findings the toy should reproduce, per (variant, seed), each judged at a threshold
+    (the defaults: the paper's qualitative findings made measurable on the toy):
     - grpo loses >= 80% of its initial entropy (both variants);
     - easy: clip_cov and kl_cov end with >= 3x grpo's entropy and a final reward (last-window
       mean of reward/mean) at most 2 points below grpo's (the final val/toy/accuracy is shown);
@@ -420,27 +431,27 @@ def targets_markdown(targets: Sequence[Target]) -> str:
 # ----------------------------------------------------------------------------- figures
 
 
-def plot_overview(runs: Mapping[str, Sequence[analysis.Record]], path: str, *,
+def plot_overview(runs: Mapping[str, Sequence[Record]], path: str, *,
                   window: int = 10) -> str:
     """Entropy (top row) and reward (bottom row, {window}-step moving average) against step, one
     column per variant, one colour per method; the first seed solid, the others dashed."""
     names = {name: _parse_name(name) for name in runs}
     variants = [v for v in VARIANTS if any(p[0] == v for p in names.values())]
     seeds = sorted({p[2] for p in names.values()})
-    fig, axes = plt.subplots(2, len(variants), figsize=(5.5 * len(variants), 6),
-                                      sharex=True, squeeze=False)
+    fig, axes = plt.subplots(2, len(variants), figsize=(5.5 * len(variants), 6), sharex=True,
+                             squeeze=False)
     for column, variant in enumerate(variants):
         ax_h, ax_r = axes[0, column], axes[1, column]
         for name, (v, method, seed) in names.items():
             if v != variant:
                 continue
-            steps, entropy, reward = analysis.series(
-                runs[name], [analysis.ENTROPY_KEY, analysis.REWARD_KEY])
+            steps, entropy, reward = series(
+                runs[name], [metrics.ENTROPY_TOKEN_MEAN, metrics.REWARD_MEAN])
             style = {"color": f"C{METHODS.index(method)}",
                      "linestyle": "-" if seed == seeds[0] else "--", "linewidth": 1.2,
                      "label": f"{method} s{seed}"}
             ax_h.plot(steps, entropy, **style)
-            ax_r.plot(steps, analysis.moving_average(reward, window), **style)
+            ax_r.plot(steps, stats.moving_average(reward, window), **style)
         ax_h.set_title(f"{variant} variant")
         ax_h.set_ylabel("entropy (token mean)")
         ax_r.set_ylabel(f"reward ({window}-step mean)")
@@ -454,49 +465,46 @@ def plot_overview(runs: Mapping[str, Sequence[analysis.Record]], path: str, *,
 
 def make_figures(workdirs: Mapping[str, str], rows: Sequence[RunRow], figure_dir: str
                  ) -> list[str]:
-    """The figures of covjax.analysis for each (variant, seed) plus the overview: entropy and
-    reward against step, the law fit, the covariance histogram of grpo and clip_cov (first and
-    last dump, Clip-Cov band and the KL-Cov threshold of the run's own config) and predicted vs
-    measured entropy change. Returns the paths written."""
+    """The figures of covjax.analysis.plots for each (variant, seed) plus the overview: entropy
+    and reward against step, the law fit, the covariance histogram of grpo and clip_cov (first
+    and last dump, Clip-Cov band and the KL-Cov threshold of the run's own config) and predicted
+    vs measured entropy change. Returns the paths written."""
     os.makedirs(figure_dir, exist_ok=True)
-    records = {name: analysis.read_metrics(w) for name, w in workdirs.items()}
+    records = {name: read_metrics(w) for name, w in workdirs.items()}
     rows_by_name = {r.name: r for r in rows}
     paths = [plot_overview(records, os.path.join(figure_dir, "overview.png"))]
     for variant, seed in sorted({(r.variant, r.seed) for r in rows}):
         group = [r.name for r in rows if (r.variant, r.seed) == (variant, seed)]
         tag = f"{variant}_s{seed}"
-        paths.append(analysis.plot_entropy_and_reward(
+        paths.append(plots.plot_entropy_and_reward(
             {n: records[n] for n in group}, os.path.join(figure_dir, f"entropy_reward_{tag}.png")))
         points = {}
         for n in group:
-            _, entropy, accuracy = analysis.series(records[n], [analysis.ENTROPY_KEY,
-                                                                 ACCURACY_KEY])
+            _, entropy, accuracy = series(records[n], [metrics.ENTROPY_TOKEN_MEAN, ACCURACY_KEY])
             row = rows_by_name[n]
-            fit = (analysis.LawFit(row.law_a, row.law_b, row.law_r2, entropy.size)
+            fit = (stats.LawFit(row.law_a, row.law_b, row.law_r2, entropy.size)
                    if math.isfinite(row.law_a) else None)
             points[n] = (entropy, accuracy, fit)
-        paths.append(analysis.plot_law_fit(points, os.path.join(figure_dir, f"law_fit_{tag}.png"),
-                                           accuracy_label=ACCURACY_KEY))
+        paths.append(plots.plot_law_fit(points, os.path.join(figure_dir, f"law_fit_{tag}.png"),
+                                        accuracy_label=ACCURACY_KEY))
         for n in group:
             if _parse_name(n)[1] not in ("grpo", "clip_cov"):
                 continue
-            dumps = analysis.cov_dump_paths(workdirs[n], records[n])
+            dumps = cov_dump_paths(workdirs[n], records[n])
             if not dumps:
                 continue
             shown = sorted({min(dumps), max(dumps)})
-            paths.append(analysis.plot_cov_histogram(
-                {f"{n} step {s}": analysis.load_cov(dumps[s]) for s in shown},
+            paths.append(plots.plot_cov_histogram(
+                {f"{n} step {s}": load_cov(dumps[s]) for s in shown},
                 os.path.join(figure_dir, f"cov_hist_{n}.png"),
-                **analysis.histogram_marks(workdirs[n], require_config=True)))
+                **histogram_marks(workdirs[n], require_config=True)))
         checks = {}
         for n in group:
-            _, *check = analysis.series(records[n], [analysis.CHECK_NATURAL_KEY,
-                                                      analysis.CHECK_VANILLA_KEY,
-                                                      analysis.CHECK_MEASURED_KEY])
+            check = entropy_check_series(records[n])
             if check[0].size:
-                checks[n] = tuple(check)
+                checks[n] = check
         if checks:
-            paths.append(analysis.plot_entropy_check(
+            paths.append(plots.plot_entropy_check(
                 checks, os.path.join(figure_dir, f"entropy_check_{tag}.png")))
     return paths
 
@@ -537,7 +545,7 @@ def sweep_workdirs(out_dir: str, *, seeds: Sequence[int], variants: Sequence[str
     workdirs = {
         name: workdir
         for _, _, _, name, workdir in _runs(out_dir, seeds, variants, methods)
-        if os.path.isfile(os.path.join(workdir, analysis.METRICS_FILE))
+        if os.path.isfile(os.path.join(workdir, metrics.METRICS_FILE))
     }
     if not workdirs:
         raise FileNotFoundError(f"no run of seeds {list(seeds)}, variants {list(variants)}, "
@@ -560,7 +568,8 @@ def _levels(text: str) -> dict[str, list[float]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m covjax.toy_sweep", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m covjax.analysis.toy_sweep",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("run", "report"))
     parser.add_argument("--out", required=True, help="Sweep folder (one workdir per run).")

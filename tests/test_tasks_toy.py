@@ -1,5 +1,5 @@
-"""covjax.rewards.toy: the tokenizer, the exact reward checker, the warm-start data and the
-deterministic, cached warm start. References: brute-force enumeration and hand-made cases."""
+"""covjax.tasks.toy and covjax.tasks.toy_warm_start: the tokenizer, the exact reward checker,
+the warm-start data and the deterministic, cached warm start. References: brute-force enumeration and hand-made cases."""
 
 import itertools
 
@@ -11,8 +11,9 @@ from scipy import stats
 from transformers import AutoTokenizer
 
 from covjax.model import Transformer
-from covjax.rewards import toy
 from covjax.sampler import Rollout
+from covjax.tasks import toy
+from covjax.tasks import toy_warm_start as toy_ws
 
 EASY, HARD = toy.get_variant("easy"), toy.get_variant("hard")
 
@@ -36,7 +37,7 @@ def test_tokenizer_round_trip_and_saved_copy(tmp_path):
     tok.save_pretrained(tmp_path)
     again = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
     assert again(text).input_ids == tok(text).input_ids
-    assert len(tok) == len(toy.vocabulary()) == toy.model_config().vocab_size == 61
+    assert len(tok) == len(toy.vocabulary()) == toy_ws.model_config().vocab_size == 61
     with pytest.raises(ValueError, match="target=51"):
         toy.prompt_ids(51)
     with pytest.raises(ValueError, match="variant='medium'"):
@@ -136,7 +137,7 @@ def test_sample_correct_is_uniform_over_the_answers():
 @pytest.mark.parametrize("variant", [EASY, HARD])
 def test_warm_start_batch_layout_and_fraction_correct(variant):
     frac, size = 0.65, 20000
-    tokens, mask = toy.warm_start_batch(np.random.default_rng(1), size, variant, frac)
+    tokens, mask = toy_ws.warm_start_batch(np.random.default_rng(1), size, variant, frac)
     assert tokens.shape == mask.shape == (size, 9) and tokens.dtype == np.int32
     assert not mask[:, :2].any() and mask[:, 2:].all()
     vocab = toy.vocabulary()
@@ -153,7 +154,7 @@ def test_warm_start_batch_layout_and_fraction_correct(variant):
 
 
 def test_model_config_is_tiny_qwen2():
-    cfg = toy.model_config()
+    cfg = toy_ws.model_config()
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert cfg.architecture == "qwen2" and cfg.num_hidden_layers == 2 and cfg.hidden_size == 64
@@ -161,14 +162,14 @@ def test_model_config_is_tiny_qwen2():
 
 
 def test_warm_start_is_deterministic_and_cached(tmp_path):
-    ws = toy.WarmStart(steps=3, batch_size=16)
+    ws = toy_ws.WarmStart(steps=3, batch_size=16)
 
     def params(cache_dir, init_seed=0):
-        model = Transformer(toy.model_config(), rngs=nnx.Rngs(init_seed))
-        cached = toy.warm_start(model, variant=EASY, seed=3, ws=ws, cache_dir=cache_dir)
+        model = Transformer(toy_ws.model_config(), rngs=nnx.Rngs(init_seed))
+        cached = toy_ws.warm_start(model, variant=EASY, seed=3, ws=ws, cache_dir=cache_dir)
         return cached, [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
-    fresh = Transformer(toy.model_config(), rngs=nnx.Rngs(0))
+    fresh = Transformer(toy_ws.model_config(), rngs=nnx.Rngs(0))
     initial = [np.asarray(x) for x in jax.tree.leaves(nnx.state(fresh, nnx.Param))]
     cached_a, a = params(str(tmp_path))
     cached_b, b = params(str(tmp_path))

@@ -1,173 +1,25 @@
-"""Entropy dynamics analysis: the entropy-performance law, covariance concentration, plots.
+"""The numbers of the entropy analysis: the entropy-performance law, covariance concentration,
+the live entropy check's agreement, and the summary of a run.
 
-Reads what the trainer writes into a workdir (docs/metrics.md): metrics.jsonl
-(one JSON object per step) and cov/step_{step:06d}.npy (the per-token covariances, Eq. 10, of the
-valid tokens of the step's batch, from the rollout policy's log-probs, centred per mini-batch).
-NumPy, SciPy and matplotlib only; no JAX, so it runs anywhere.
-
-The entropy-performance law (ALGORITHMS.md section 1): R = -a * exp(H) + b, with the predicted
-ceiling R(H=0) = b - a. Given exp(H) the model is linear in (a, b), so SciPy's linear least
-squares on the design [-exp(H), 1] is the exact least-squares fit (no iterative optimiser needed).
+The entropy-performance law (docs/ALGORITHMS.md section 1): R = -a * exp(H) + b, with the
+predicted ceiling R(H=0) = b - a. Given exp(H) the model is linear in (a, b), so SciPy's linear
+least squares on the design [-exp(H), 1] is the exact least-squares fit (no iterative optimiser
+needed).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import re
 from collections.abc import Mapping, Sequence
 
-import matplotlib
+import numpy as np
+import scipy.linalg
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import scipy.linalg  # noqa: E402
+from covjax import metrics
+from covjax.analysis.runs import Record, cov_dump_paths, entropy_check_series, load_cov, series
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.json"
-# what a covariance histogram marks for a run without a config.json: the paper's Clip-Cov band and
-# the 7B recipe's KL-Cov ratio (ALGORITHMS.md section 7)
-PAPER_MARKS = {"clip_cov_lb": 1.0, "clip_cov_ub": 5.0, "kl_cov_ratio": 2e-3}
-COV_DIR = "cov"
-ENTROPY_KEY = "entropy/token_mean"
-REWARD_KEY = "reward/mean"
-TRAIN_ACCURACY_KEY = "accuracy/mean"
-AVERAGE_ACCURACY_KEY = "val/average_accuracy"  # the trainer's mean over its evaluation sets
 MIN_LAW_POINTS = 10  # fewer (entropy, accuracy) pairs: summary.md says the fit says little
-FILTER_KEY = "filter/kept_group_frac"
-NUM_SELECTED_KEY = "cov/num_selected"
-CHECK_NATURAL_KEY = "entropy_check/predicted_natural"
-CHECK_VANILLA_KEY = "entropy_check/predicted_vanilla"
-CHECK_MEASURED_KEY = "entropy_check/measured"
-_VAL_ACCURACY = re.compile(r"^val/.+/accuracy$")
-_COV_FILE = re.compile(r"^step_(\d+)\.npy$")
-
-Record = Mapping[str, float]
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def read_metrics(workdir: str) -> list[dict]:
-    """The records of `workdir`/metrics.jsonl, sorted by "step"."""
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"workdir {workdir!r} does not exist or is not a directory")
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"metrics file {path!r} not found (the trainer writes it)")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path!r} line {line_number}: not JSON ({e})") from e
-            if not isinstance(record, dict) or "step" not in record:
-                raise ValueError(f"{path!r} line {line_number}: no 'step' field: {line.strip()!r}")
-            records.append(record)
-    if not records:
-        raise ValueError(f"metrics file {path!r} is empty")
-    return sorted(records, key=lambda r: r["step"])
-
-
-def read_loss_config(workdir: str) -> dict:
-    """The `loss` settings a run trained with, from the config.json the trainer wrote into its
-    workdir."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)["loss"]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path!r} not found: the trainer writes it at the start of a run"
-                                ) from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path!r} holds no trainer config with a 'loss' section ({e!r})") from e
-
-
-def histogram_marks(workdir: str, *, require_config: bool = False,
-                    **given: float | None) -> dict[str, float]:
-    """The Clip-Cov band and KL-Cov ratio to mark on a run's covariance histogram: each of
-    clip_cov_lb, clip_cov_ub, kl_cov_ratio as given, else the run's own (its config.json), else
-    PAPER_MARKS when the workdir has no config.json (an error instead with require_config).
-    The histogram's log axis needs 0 < lb < ub and 0 < kl_cov_ratio <= 1."""
-    unknown = set(given) - set(PAPER_MARKS)
-    if unknown:
-        raise ValueError(f"unknown histogram marks {sorted(unknown)}; known: {list(PAPER_MARKS)}")
-    marks = {key: given.get(key) for key in PAPER_MARKS}
-    if any(value is None for value in marks.values()):
-        path = os.path.join(workdir, CONFIG_FILE)
-        own = (read_loss_config(workdir) if require_config or os.path.isfile(path)
-               else PAPER_MARKS)
-        try:
-            marks = {key: float(own[key]) if value is None else float(value)
-                     for key, value in marks.items()}
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path!r}: its 'loss' section lacks a number for {e!s}") from e
-    lb, ub, ratio = (marks[key] for key in PAPER_MARKS)
-    if not (0 < lb < ub < math.inf and 0 < ratio <= 1):
-        raise ValueError(f"histogram marks of {workdir!r} need 0 < clip_cov_lb < clip_cov_ub and "
-                         f"0 < kl_cov_ratio <= 1, got {marks}")
-    return marks
-
-
-def resolve_accuracy_key(records: Sequence[Record], accuracy_key: str | None = None) -> str:
-    """The accuracy metric: `accuracy_key` if given, else "val/average_accuracy" (the mean over
-    several evaluation sets), else the first (sorted) "val/<set>/accuracy" present, else
-    "accuracy/mean" (the training batch's accuracy)."""
-    keys = set().union(*(r.keys() for r in records))
-    if accuracy_key is not None:
-        if accuracy_key not in keys:
-            raise ValueError(f"accuracy_key {accuracy_key!r} not in the metrics; "
-                             f"have {sorted(keys)}")
-        return accuracy_key
-    if AVERAGE_ACCURACY_KEY in keys:
-        return AVERAGE_ACCURACY_KEY
-    val_keys = sorted(k for k in keys if _VAL_ACCURACY.match(k))
-    if val_keys:
-        return val_keys[0]
-    if TRAIN_ACCURACY_KEY in keys:
-        return TRAIN_ACCURACY_KEY
-    raise ValueError(f"no accuracy metric ({AVERAGE_ACCURACY_KEY!r}, val/<set>/accuracy or "
-                     f"{TRAIN_ACCURACY_KEY!r}) in the "
-                     f"metrics; have {sorted(keys)}")
-
-
-def is_filtered(record: Record) -> bool:
-    """True on steps where every group's rewards agreed (the trainer logs kept_group_frac == 0)."""
-    return record.get(FILTER_KEY) == 0
-
-
-def series(records: Sequence[Record], keys: Sequence[str], *, skip_filtered: bool = False
-           ) -> tuple[np.ndarray, ...]:
-    """(steps, values of keys[0], values of keys[1], ...) over the records holding every key with
-    a finite value; `skip_filtered` drops the steps where all rewards agreed."""
-    rows = [(r["step"], *(r[k] for k in keys)) for r in records
-            if all(k in r and r[k] is not None and math.isfinite(r[k]) for k in keys)
-            and not (skip_filtered and is_filtered(r))]
-    columns = np.asarray(rows, dtype=np.float64).reshape(len(rows), 1 + len(keys)).T
-    return (columns[0].astype(np.int64), *columns[1:])
-
-
-def cov_dump_paths(workdir: str, records: Sequence[Record] | None = None) -> dict[int, str]:
-    """{step: path} of `workdir`/cov/step_*.npy in step order (empty if none were dumped); with
-    `records`, leaving out the steps where all rewards agreed (all cov are 0 there)."""
-    cov_dir = os.path.join(workdir, COV_DIR)
-    if not os.path.isdir(cov_dir):
-        return {}
-    filtered = {r["step"] for r in records if is_filtered(r)} if records is not None else set()
-    matches = ((_COV_FILE.match(name), name) for name in os.listdir(cov_dir))
-    paths = {int(m.group(1)): os.path.join(cov_dir, name) for m, name in matches if m}
-    return {step: paths[step] for step in sorted(paths) if step not in filtered}
-
-
-def load_cov(path: str) -> np.ndarray:
-    """The per-token covariances of one dump, flattened."""
-    return np.load(path).reshape(-1)
 
 
 # ----------------------------------------------------------------------------- the law
@@ -199,7 +51,7 @@ def r_squared(y: np.ndarray, y_hat: np.ndarray) -> float:
 
 
 def fit_law(entropy: np.ndarray, accuracy: np.ndarray) -> LawFit:
-    """Least-squares fit of R = -a * exp(H) + b (ALGORITHMS.md section 1) to (H, R) pairs."""
+    """Least-squares fit of R = -a * exp(H) + b (docs/ALGORITHMS.md section 1) to (H, R) pairs."""
     entropy = np.asarray(entropy, dtype=np.float64)
     accuracy = np.asarray(accuracy, dtype=np.float64)
     if entropy.shape != accuracy.shape or entropy.ndim != 1:
@@ -262,7 +114,7 @@ def extrapolate(steps: np.ndarray, entropy: np.ndarray, accuracy: np.ndarray, *,
 
 def covariance_concentration(cov: np.ndarray, *, top_fraction: float = 0.01) -> float:
     """Mean covariance of the top `top_fraction` tokens (at least one) over the mean |cov| of all
-    tokens (the paper's ~1800x for the top 0.02%, ALGORITHMS.md section 2)."""
+    tokens (the paper's ~1800x for the top 0.02%, docs/ALGORITHMS.md section 2)."""
     cov = np.asarray(cov, dtype=np.float64).reshape(-1)
     if cov.size == 0:
         raise ValueError("cov is empty")
@@ -341,118 +193,6 @@ def check_agreement(predicted: np.ndarray, measured: np.ndarray) -> CheckAgreeme
     return CheckAgreement(num_steps=n, correlation=correlation, sign_agreement=sign, slope=slope)
 
 
-# ----------------------------------------------------------------------------- plots
-
-
-def _save(fig: plt.Figure, path: str) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_entropy_and_reward(runs: Mapping[str, Sequence[Record]], path: str, *,
-                            entropy_key: str = ENTROPY_KEY, reward_key: str = REWARD_KEY) -> str:
-    """Entropy (top) and reward (bottom) against step, one line per run."""
-    fig, (ax_h, ax_r) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    for name, records in runs.items():
-        steps, entropy = series(records, [entropy_key])
-        ax_h.plot(steps, entropy, label=name)
-        steps, reward = series(records, [reward_key])
-        ax_r.plot(steps, reward, label=name)
-    ax_h.set_ylabel(entropy_key)
-    ax_r.set_ylabel(reward_key)
-    ax_r.set_xlabel("step")
-    ax_h.legend(fontsize="small")
-    return _save(fig, path)
-
-
-def plot_law_fit(points: Mapping[str, tuple[np.ndarray, np.ndarray, LawFit | None]], path: str, *,
-                 accuracy_label: str = "accuracy") -> str:
-    """Entropy-accuracy scatter of each run with its fitted curve R = -a exp(H) + b."""
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for name, (entropy, accuracy, fit) in points.items():
-        scatter = ax.scatter(entropy, accuracy, s=10, alpha=0.6, label=name)
-        if fit is not None:
-            grid = np.linspace(min(0.0, float(np.min(entropy))), float(np.max(entropy)), 200)
-            ax.plot(grid, fit.predict(grid), color=scatter.get_facecolor()[0][:3],
-                    label=f"{name}: a={fit.a:.3g} b={fit.b:.3g} R²={fit.r2:.3f}")
-    ax.set_xlabel("entropy H")
-    ax.set_ylabel(accuracy_label)
-    ax.set_title("R = -a exp(H) + b")
-    ax.legend(fontsize="small")
-    return _save(fig, path)
-
-
-def plot_cov_histogram(covs: Mapping[str, np.ndarray], path: str, *, clip_cov_lb: float,
-                       clip_cov_ub: float, kl_cov_ratio: float) -> str:
-    """Histogram of log10 |cov| per token, positive and negative covariances apart (count on a log
-    scale); the Clip-Cov band [lb, ub] is shaded, the KL-Cov top-k threshold a dashed line."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    all_abs = np.abs(np.concatenate([np.ones(1) * clip_cov_lb, *covs.values()]))
-    all_abs = all_abs[all_abs > 0]
-    low = math.floor(min(np.log10(all_abs.min()), math.log10(clip_cov_lb)))
-    high = math.ceil(max(np.log10(all_abs.max()), math.log10(clip_cov_ub)))
-    bins = np.linspace(low, high, 10 * (high - low) + 1)
-    ax.axvspan(math.log10(clip_cov_lb), math.log10(clip_cov_ub), color="tab:green", alpha=0.15,
-               label=f"Clip-Cov band [{clip_cov_lb:g}, {clip_cov_ub:g}]")
-    for i, (name, cov) in enumerate(covs.items()):
-        color = f"C{i}"
-        positive, negative = cov[cov > 0], -cov[cov < 0]
-        ax.hist(np.log10(positive), bins=bins, histtype="step", color=color,
-                label=f"{name}: cov > 0 ({positive.size})")
-        ax.hist(np.log10(negative), bins=bins, histtype="step", linestyle=":", color=color,
-                label=f"{name}: cov < 0 ({negative.size})")
-        threshold = kl_cov_threshold(cov, kl_cov_ratio)
-        if threshold > 0:
-            ax.axvline(math.log10(threshold), color=color, linestyle="--",
-                       label=f"{name}: KL-Cov top {kl_cov_ratio:g} ≥ {threshold:.3g}")
-    ax.set_yscale("log")
-    ax.set_xlabel("log10 |cov| (token covariance, Eq. 10)")
-    ax.set_ylabel("tokens")
-    ax.legend(fontsize="x-small")
-    return _save(fig, path)
-
-
-def _span(values: Sequence[np.ndarray]) -> tuple[float, float]:
-    """The range of the values and 0, with a 5% margin."""
-    joined = np.concatenate([np.zeros(1), *values])
-    low, high = float(joined.min()), float(joined.max())
-    margin = 0.05 * (high - low) or 1e-12
-    return low - margin, high + margin
-
-
-def plot_entropy_check(checks: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
-                       path: str) -> str:
-    """Predicted (natural and vanilla forms) against measured entropy change per checked step:
-    the line y = x (solid) and each run's least-squares line through the origin (dashed). Axes
-    follow the data, since under Adam the slope is far from 1."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    for ax, form, column in ((axes[0], "natural", 0), (axes[1], "vanilla", 1)):
-        for i, (name, columns) in enumerate(checks.items()):
-            predicted, measured = columns[column], columns[2]
-            agreement = check_agreement(predicted, measured)
-            ax.scatter(predicted, measured, s=12, alpha=0.7, color=f"C{i}",
-                       label=f"{name}: corr {agreement.correlation:.2f}, "
-                             f"slope {agreement.slope:.3g}")
-            if math.isfinite(agreement.slope):
-                ends = np.array(_span([predicted]))
-                ax.plot(ends, agreement.slope * ends, color=f"C{i}", linestyle="--",
-                        linewidth=0.8)
-        x_span = _span([c[column] for c in checks.values()])
-        y_span = _span([c[2] for c in checks.values()])
-        ax.plot(x_span, x_span, color="black", linewidth=0.8, label="y = x")
-        ax.set_xlim(x_span)
-        ax.set_ylim(y_span)
-        ax.axhline(0, color="grey", linewidth=0.5)
-        ax.axvline(0, color="grey", linewidth=0.5)
-        ax.ticklabel_format(style="sci", scilimits=(-2, 3))
-        ax.set_xlabel(f"predicted dH ({form}: -eta Cov)")
-        ax.set_ylabel("measured dH")
-        ax.legend(fontsize="x-small")
-    return _save(fig, path)
-
-
 # ----------------------------------------------------------------------------- run summary
 
 
@@ -482,9 +222,9 @@ def _first_last(records: Sequence[Record], key: str) -> tuple[float, float]:
 
 
 def summarize_run(name: str, workdir: str, records: Sequence[Record], *, accuracy_key: str,
-                  entropy_key: str = ENTROPY_KEY, reward_key: str = REWARD_KEY,
-                  fit_fraction: float = 0.5, bin_steps: int = 10,
-                  concentration_min_step: int = 10) -> RunSummary:
+                  entropy_key: str = metrics.ENTROPY_TOKEN_MEAN,
+                  reward_key: str = metrics.REWARD_MEAN, fit_fraction: float = 0.5,
+                  bin_steps: int = 10, concentration_min_step: int = 10) -> RunSummary:
     """Entropy, reward, the law's fit (raw, binned, extrapolated), tokens touched per step, the
     median covariance concentration over the dumps from `concentration_min_step` on, and the
     agreement of the live entropy check."""
@@ -503,11 +243,10 @@ def summarize_run(name: str, workdir: str, records: Sequence[Record], *, accurac
     extrapolation = attempt("extrapolation", extrapolate, steps, entropy, accuracy,
                             fit_fraction=fit_fraction)
     initial_entropy, final_entropy = _first_last(records, entropy_key)
-    _, touched = series(records, [NUM_SELECTED_KEY])
+    _, touched = series(records, [metrics.COV_NUM_SELECTED])
     concentration = [c for step, c in concentration_by_step(workdir, records).items()
                      if step >= concentration_min_step]
-    _, natural, vanilla, measured = series(
-        records, [CHECK_NATURAL_KEY, CHECK_VANILLA_KEY, CHECK_MEASURED_KEY])
+    natural, vanilla, measured = entropy_check_series(records)
     return RunSummary(
         name=name, num_steps=sum(entropy_key in r for r in records),  # not the final evaluation
         initial_entropy=initial_entropy,
@@ -521,8 +260,8 @@ def summarize_run(name: str, workdir: str, records: Sequence[Record], *, accurac
 
 
 def equal_reward_entropies(runs: Mapping[str, Sequence[Record]], *, level: float | None = None,
-                           window: int = 10, entropy_key: str = ENTROPY_KEY,
-                           reward_key: str = REWARD_KEY
+                           window: int = 10, entropy_key: str = metrics.ENTROPY_TOKEN_MEAN,
+                           reward_key: str = metrics.REWARD_MEAN
                            ) -> tuple[float, dict[str, tuple[int, float] | None]]:
     """(level, {run: (step, entropy) when its moving-average reward first reaches level}).
     Default level: the highest one every run reaches (the smallest of the runs' best smoothed

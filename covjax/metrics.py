@@ -1,0 +1,179 @@
+"""What a run logs: the metric names, the files they go to, the writer and the step summaries.
+
+The trainer writes these names and covjax.analysis reads them, both from here; docs/metrics.md
+says what each one means. A workdir holds metrics.jsonl (one JSON object per RL step: "step",
+0-based, and the metrics, a non-finite value as null), the same scalars as TensorBoard events,
+and every `train.cov_dump_interval` steps cov/step_SSSSSS.npy, the per-token covariances
+(Eq. 10) of the step's valid tokens.
+
+NumPy only at import: covjax.analysis reads the names without JAX.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# ----------------------------------------------------------------------------- files
+
+METRICS_FILE = "metrics.jsonl"
+COV_DIR = "cov"
+COV_FILE = "step_%06d.npy"  # COV_FILE % step: one step's covariance dump in COV_DIR
+COV_FILE_RE = re.compile(r"^step_(\d+)\.npy$")  # matches COV_FILE's names; group 1 the step
+
+# ----------------------------------------------------------------------------- names
+# Rollout: the step's first generation round (the policy's own performance, before the
+# dynamic-sampling filter).
+REWARD_MEAN = "reward/mean"
+ACCURACY_MEAN = "accuracy/mean"  # fraction of responses with reward > 0.5
+RESPONSE_LENGTH_MEAN = "response_length/mean"
+# Dynamic sampling: kept_group_frac == 0 marks a step where every group's rewards agreed.
+FILTER_KEPT_GROUP_FRAC = "filter/kept_group_frac"
+FILTER_GEN_ROUNDS = "filter/gen_rounds"
+FILTER_PADDED_GROUP_FRAC = "filter/padded_group_frac"
+
+# Training batch.
+ENTROPY_TOKEN_MEAN = "entropy/token_mean"  # verl's actor/entropy
+ENTROPY_SEQ_MEAN = "entropy/seq_mean"  # the paper's Eq. 5
+COV_MEAN = "cov/mean"  # Eq. 10, centred within each mini-batch
+COV_P99 = "cov/p99"
+COV_SELECTED_MEAN = "cov/selected_mean"  # tokens Clip-Cov detached or KL-Cov penalised
+COV_NUM_SELECTED = "cov/num_selected"
+COV_FRAC_SELECTED = "cov/frac_selected"
+PPO_CLIP_FRAC = "ppo/clip_frac"
+PPO_KL = "ppo/kl"
+OPTIM_GRAD_NORM = "optim/grad_norm"
+OPTIM_LR = "optim/lr"
+OPTIM_LOSS = "optim/loss"
+OPTIM_NUM_UPDATES = "optim/num_updates"
+
+# The live check of the covariance theory (docs/ALGORITHMS.md section 2).
+CHECK_PREDICTED_NATURAL = "entropy_check/predicted_natural"  # -eta Cov(log pi, A)
+CHECK_PREDICTED_VANILLA = "entropy_check/predicted_vanilla"  # -eta Cov(log pi, pi A)
+CHECK_MEASURED = "entropy_check/measured"
+
+# Evaluation.
+VAL_AVERAGE_ACCURACY = "val/average_accuracy"  # mean over the evaluation sets
+VAL_ACCURACY_RE = re.compile(r"^val/(.+)/accuracy$")  # matches val_accuracy's names
+
+TIME_STEP = "time/step"
+
+# The headline metrics the trainer logs every log_interval steps and prints at the end.
+SUMMARY_KEYS = (
+    REWARD_MEAN,
+    ACCURACY_MEAN,
+    ENTROPY_TOKEN_MEAN,
+    COV_MEAN,
+    COV_FRAC_SELECTED,
+    RESPONSE_LENGTH_MEAN,
+    TIME_STEP,
+)
+
+
+def val_accuracy(set_name: str) -> str:
+    """The accuracy metric of one evaluation set: val/<set>/accuracy (avg@k on sampled sets)."""
+    return f"val/{set_name}/accuracy"
+
+
+def cov_file(step: int) -> str:
+    """The name of one step's covariance dump in COV_DIR."""
+    return COV_FILE % step
+
+
+# ----------------------------------------------------------------------------- per-step values
+
+
+def token_covariance_np(logp: np.ndarray, adv: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Eq. 10 over the valid tokens of the arrays (float64 means), valid entries only [n]."""
+    lp, a = logp[mask].astype(np.float64), adv[mask].astype(np.float64)
+    return ((lp - lp.mean()) * (a - a.mean())).astype(np.float32) if lp.size else lp
+
+
+def entropy_metrics(entropy: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """entropy/token_mean (verl) and entropy/seq_mean (the paper's Eq. 5) over non-empty rows."""
+    rows = mask.any(axis=1)
+    per_seq = (entropy * mask).sum(1)[rows] / mask.sum(1)[rows]
+    return {
+        ENTROPY_TOKEN_MEAN: float(entropy[mask].mean()) if mask.any() else math.nan,
+        ENTROPY_SEQ_MEAN: float(per_seq.mean()) if rows.any() else math.nan,
+    }
+
+
+def summarize_updates(updates: list[dict[str, float]]) -> dict[str, float]:
+    """Per-step metrics from the mini-batch updates, weighted by their token counts."""
+    if not updates:
+        return {}
+    tokens = np.array([u["num_tokens"] for u in updates])
+    selected = np.array([u["num_selected"] for u in updates])
+
+    def weighted(key, w):
+        return float((np.array([u[key] for u in updates]) * w).sum() / max(w.sum(), 1.0))
+
+    return {
+        COV_SELECTED_MEAN: weighted("cov_selected_mean", selected),
+        COV_NUM_SELECTED: float(selected.sum()),
+        COV_FRAC_SELECTED: float(selected.sum() / max(tokens.sum(), 1.0)),
+        PPO_CLIP_FRAC: weighted("ppo_clip_frac", tokens),
+        PPO_KL: weighted("ppo_kl", tokens),
+        OPTIM_GRAD_NORM: float(np.mean([u["grad_norm"] for u in updates])),
+        OPTIM_LR: float(updates[-1]["lr"]),
+        OPTIM_LOSS: float(np.mean([u["loss"] for u in updates])),
+        OPTIM_NUM_UPDATES: float(len(updates)),
+    }
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class MetricsWriter:
+    """metrics.jsonl (one JSON object per step) + TensorBoard events in the workdir."""
+
+    def __init__(self, workdir: Path, resume_step: int):
+        # imported here, not at the top: covjax.analysis imports this module and runs without JAX
+        import jax
+        from tensorboardX import SummaryWriter
+
+        self.path = workdir / METRICS_FILE
+        self.enabled = jax.process_index() == 0  # one writer in a multi-host run
+        self.tb = None
+        if not self.enabled:
+            return
+        if self.path.exists():  # drop steps logged after the checkpoint
+            lines = self.path.read_text().splitlines()
+            keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] < resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _json_number(v) for k, v in sorted(metrics.items())}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in metrics.items():
+            if v is not None and math.isfinite(v):
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _json_number(v: float) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def summary_table(records: list[dict[str, Any]]) -> str:
+    """First and last value of the headline metrics, as a small text table."""
+    lines = [f"{'metric':<26}{'first':>12}{'last':>12}"]
+    for key in SUMMARY_KEYS:
+        values = [r[key] for r in records if r.get(key) is not None]
+        if values:
+            lines.append(f"{key:<26}{values[0]:>12.4g}{values[-1]:>12.4g}")
+    return "\n".join(lines)

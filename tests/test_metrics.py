@@ -1,0 +1,111 @@
+"""covjax.metrics against references written here in plain Python/NumPy: the token covariance
+(Eq. 10), the entropy metrics (verl's token mean, the paper's Eq. 5), the token-weighted update
+summary, and the writer's metrics.jsonl across a resume."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from covjax import metrics
+
+
+def _batch(seed: int = 0):
+    """[4, 6] log-probs, advantages, entropies and a mask with an empty row (row 2)."""
+    rng = np.random.default_rng(seed)
+    logp = rng.normal(-1.5, 1.0, size=(4, 6)).astype(np.float32)
+    adv = np.repeat(rng.normal(size=(4, 1)), 6, axis=1).astype(np.float32)  # one per response
+    entropy = rng.uniform(0.0, 3.0, size=(4, 6)).astype(np.float32)
+    lengths = [6, 3, 0, 1]
+    mask = np.arange(6)[None, :] < np.array(lengths)[:, None]
+    return logp, adv, entropy, mask
+
+
+def test_token_covariance_is_eq_10_over_the_valid_tokens():
+    logp, adv, _, mask = _batch()
+    valid = [(float(logp[i, j]), float(adv[i, j])) for i in range(4) for j in range(6)
+             if mask[i, j]]
+    mean_lp = sum(lp for lp, _ in valid) / len(valid)
+    mean_a = sum(a for _, a in valid) / len(valid)
+    expected = [(lp - mean_lp) * (a - mean_a) for lp, a in valid]
+    cov = metrics.token_covariance_np(logp, adv, mask)
+    assert cov.dtype == np.float32 and cov.shape == (len(valid),)
+    np.testing.assert_allclose(cov, expected, rtol=1e-5, atol=1e-7)
+    # their mean is the (population) covariance of log-prob and advantage over the tokens
+    lp_column, a_column = np.array(valid).T
+    assert cov.mean() == pytest.approx(np.cov(lp_column, a_column, bias=True)[0, 1], rel=1e-5)
+    assert metrics.token_covariance_np(logp, adv, np.zeros_like(mask)).size == 0
+
+
+def test_entropy_metrics_token_and_sequence_means():
+    _, _, entropy, mask = _batch(1)
+    tokens = [float(entropy[i, j]) for i in range(4) for j in range(6) if mask[i, j]]
+    per_response = [np.mean([entropy[i, j] for j in range(6) if mask[i, j]]) for i in range(4)
+                    if mask[i].any()]  # the empty response has no mean: left out
+    got = metrics.entropy_metrics(entropy, mask)
+    assert got == {
+        "entropy/token_mean": pytest.approx(sum(tokens) / len(tokens), rel=1e-6),
+        "entropy/seq_mean": pytest.approx(sum(per_response) / len(per_response), rel=1e-6),
+    }
+    empty = metrics.entropy_metrics(entropy, np.zeros_like(mask))
+    assert math.isnan(empty["entropy/token_mean"]) and math.isnan(empty["entropy/seq_mean"])
+
+
+def test_summarize_updates_weights_by_tokens_and_selected_tokens():
+    updates = [
+        {"num_tokens": 100, "num_selected": 2, "cov_selected_mean": 3.0, "ppo_clip_frac": 0.1,
+         "ppo_kl": 0.01, "grad_norm": 1.0, "lr": 1e-6, "loss": 0.5},
+        {"num_tokens": 300, "num_selected": 0, "cov_selected_mean": 0.0, "ppo_clip_frac": 0.3,
+         "ppo_kl": 0.03, "grad_norm": 3.0, "lr": 2e-6, "loss": 1.5},
+        {"num_tokens": 100, "num_selected": 6, "cov_selected_mean": 5.0, "ppo_clip_frac": 0.0,
+         "ppo_kl": -0.01, "grad_norm": 2.0, "lr": 3e-6, "loss": 1.0},
+    ]
+    assert metrics.summarize_updates(updates) == pytest.approx({
+        "cov/selected_mean": (2 * 3.0 + 6 * 5.0) / 8,
+        "cov/num_selected": 8.0,
+        "cov/frac_selected": 8 / 500,
+        "ppo/clip_frac": (100 * 0.1 + 300 * 0.3) / 500,
+        "ppo/kl": (100 * 0.01 + 300 * 0.03 - 100 * 0.01) / 500,
+        "optim/grad_norm": 2.0,
+        "optim/lr": 3e-6,  # the last update's
+        "optim/loss": 1.0,
+        "optim/num_updates": 3.0,
+    })
+    none_selected = metrics.summarize_updates(updates[1:2])
+    assert none_selected["cov/selected_mean"] == 0.0 and none_selected["cov/frac_selected"] == 0.0
+    assert metrics.summarize_updates([]) == {}
+
+
+def test_writer_drops_the_steps_after_the_resumed_checkpoint(tmp_path):
+    writer = metrics.MetricsWriter(tmp_path, resume_step=0)
+    for step in range(5):
+        writer.write(step, {"reward/mean": step / 4, "cov/mean": math.nan if step == 1 else 0.0})
+    writer.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[1]) == {"step": 1, "cov/mean": None, "reward/mean": 0.25}
+    assert lines[1] == '{"step": 1, "cov/mean": null, "reward/mean": 0.25}'  # keys sorted
+
+    resumed = metrics.MetricsWriter(tmp_path, resume_step=3)  # checkpoint after 3 steps
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:3]
+    resumed.write(3, {"reward/mean": 0.0})
+    resumed.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert steps == [0, 1, 2, 3]
+
+
+def test_summary_table_first_and_last_of_the_headline_metrics():
+    records = [{"step": 0, "reward/mean": 0.25}, {"step": 1, "reward/mean": None},
+               {"step": 2, "reward/mean": 0.75, "time/step": 2.0}]
+    rows = metrics.summary_table(records).splitlines()
+    assert rows[0].split() == ["metric", "first", "last"]
+    assert [row.split() for row in rows[1:]] == [["reward/mean", "0.25", "0.75"],
+                                                  ["time/step", "2", "2"]]
+
+
+def test_names_round_trip():
+    assert metrics.cov_file(12) == "step_000012.npy"
+    assert int(metrics.COV_FILE_RE.match(metrics.cov_file(1234567)).group(1)) == 1234567
+    assert metrics.VAL_ACCURACY_RE.match(metrics.val_accuracy("aime24")).group(1) == "aime24"
+    assert metrics.VAL_ACCURACY_RE.match(metrics.VAL_AVERAGE_ACCURACY) is None

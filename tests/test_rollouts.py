@@ -1,0 +1,109 @@
+"""covjax.rollouts: dynamic sampling's refill and padding, the mini-batch order, the batch."""
+
+import jax
+import numpy as np
+import pytest
+from helpers import recipes
+
+from covjax import rollouts
+from covjax.sampler import Rollout
+
+
+class _FakeSampler:
+    """Rollouts of fixed shape: prompt [1, g] (g = prompt index), responses of 2 tokens."""
+
+    def generate(self, prompts, params, *, rng):
+        n = params.n
+        rows = len(prompts) * n
+        tokens = np.zeros((rows, 4), np.int32)
+        tokens[:, 1] = np.repeat([p[-1] for p in prompts], n)
+        tokens[:, 2:] = 7
+        mask = np.zeros((rows, 4), bool)
+        mask[:, 2:] = True
+        return Rollout(tokens=tokens, attention_mask=np.ones((rows, 4), bool),
+                       positions=np.tile(np.arange(4, dtype=np.int32), (rows, 1)),
+                       response_mask=mask, logprobs=np.zeros((rows, 4), np.float32),
+                       lengths=np.full(rows, 2), stopped=np.ones(rows, bool),
+                       group_ids=np.repeat(np.arange(len(prompts)), n), prompt_length=2)
+
+
+class _FakeTask:
+    """Round k serves prompts 10k .. 10k+3 and the rewards of ROUNDS[k]."""
+
+    stop_token_ids = ()
+
+    def __init__(self, rounds):
+        self.rounds, self.calls = rounds, 0
+
+    def next_prompts(self, count):
+        self.calls += 1
+        base = 10 * (self.calls - 1)
+        return [[1, base + g] for g in range(count)], None
+
+    def score(self, rollout, truths):
+        return np.asarray(self.rounds[self.calls - 1], np.float32)
+
+
+def _collect(rounds, dynamic=True, max_rounds=3):
+    config = recipes().toy_config("clip_cov")
+    config.unlock()
+    config.train.prompts_per_step, config.rollout.n = 4, 2
+    config.train.mini_batch_prompts = 2  # 2 mini-batches of 2 groups
+    config.advantage.dynamic_sampling, config.rollout.max_gen_rounds = dynamic, max_rounds
+    task = _FakeTask(rounds)
+    return task, rollouts.collect_rollouts(task, _FakeSampler(), config, jax.random.key(0))
+
+
+def test_dynamic_sampling_refills_then_pads():
+    # round 0: groups 1 and 3 informative; round 1: group 0; round 2: none -> one padded group.
+    # Kept groups (prompts 1, 3, 10) are dealt over the 2 mini-batches: [1, 10 | 3, padding]
+    task, data = _collect([[0, 0, 1, 0, 1, 1, 0, 1], [1, 0, 1, 1, 0, 0, 0, 0],
+                           [1, 1, 1, 1, 0, 0, 0, 0]])
+    assert task.calls == 3 and data.trainable
+    np.testing.assert_array_equal(data.arrays["tokens"][:6, 1], [1, 1, 10, 10, 3, 3])
+    assert not data.arrays["response_mask"][6:].any()  # the padded group: no tokens
+    np.testing.assert_allclose(data.advantages, [0.707, -0.707, 0.707, -0.707, -0.707, 0.707,
+                                                 0, 0], atol=1e-3)  # GRPO, std with ddof=1
+    m = data.metrics
+    assert m["reward/mean"] == 0.5 and m["filter/kept_group_frac"] == pytest.approx(3 / 12)
+    assert m["filter/gen_rounds"] == 3 and m["filter/padded_group_frac"] == 0.25
+
+
+@pytest.mark.parametrize(
+    "num_kept, num_groups, per_minibatch, expected",
+    [
+        (5, 8, 2, [0, 4, 1, 5, 2, 6, 3, 7]),  # 4 mini-batches, each gets a kept group
+        (2, 8, 2, [0, 2, 1, 3, 4, 5, 6, 7]),  # 2 kept: mini-batches 0 and 1, one each
+        (3, 4, 4, [0, 1, 2, 3]),  # one mini-batch: order unchanged
+    ],
+)
+def test_minibatch_group_order_deals_kept_groups_round_robin(
+    num_kept, num_groups, per_minibatch, expected
+):
+    order = rollouts.minibatch_group_order(num_kept, num_groups, per_minibatch)
+    np.testing.assert_array_equal(order, expected)
+    per_minibatch_kept = (order < num_kept).reshape(-1, per_minibatch).sum(1)
+    num_minibatches = num_groups // per_minibatch
+    assert (per_minibatch_kept >= 1).sum() == min(num_kept, num_minibatches)
+    assert per_minibatch_kept.max() - per_minibatch_kept.min() <= 1
+
+
+def test_short_step_puts_padding_between_kept_groups_with_masks_and_advantages_aligned():
+    # 2 of 4 groups kept (prompts 0 and 2), 2 mini-batches of 2 groups: [prompt 0, pad | 2, pad]
+    _, data = _collect([[0, 1, 1, 1, 1, 0, 0, 0], [1] * 8, [1] * 8])
+    response = data.arrays["response_mask"].any(axis=1)
+    np.testing.assert_array_equal(response, [1, 1, 0, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(data.arrays["tokens"][response, 1], [0, 0, 2, 2])
+    np.testing.assert_allclose(data.advantages, [-0.707, 0.707, 0, 0, 0.707, -0.707, 0, 0],
+                               atol=1e-3)
+
+
+def test_dynamic_sampling_stops_when_full_and_measures_saturated_steps():
+    task, data = _collect([[0, 1] * 4, [1] * 8])
+    assert task.calls == 1 and data.trainable and data.metrics["filter/kept_group_frac"] == 1
+    task, data = _collect([[1] * 8, [1] * 8], max_rounds=2)
+    assert task.calls == 2 and not data.trainable  # nothing to learn: metrics only
+    assert data.arrays["response_mask"][:, 2:].all() and not data.advantages.any()
+    assert data.metrics["filter/kept_group_frac"] == 0 and data.metrics["reward/mean"] == 1
+    task, data = _collect([[1] * 8], dynamic=False)
+    assert data.trainable and data.metrics["filter/kept_group_frac"] == 0
