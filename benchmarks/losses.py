@@ -29,11 +29,11 @@ from covjax import losses
 
 SIZES = {"cpu": (64, 4096), "minibatch": (256, 8192), "paper": (2048, 8192)}
 RECIPES = {
-    "ppo": dict(method="ppo", clip_low=0.2, clip_high=0.2),
-    "dual_clip": dict(method="dual_clip", clip_low=0.2, clip_high=0.2, dual_clip_c=3.0),
-    "clip_cov": dict(method="clip_cov", clip_low=1.0, clip_high=1.0, clip_cov_ratio=2e-4),
-    "kl_cov": dict(method="kl_cov", kl_cov_ratio=2e-4, kl_cov_coef=1.0),
-    "kl_cov(r=2e-3)": dict(method="kl_cov", kl_cov_ratio=2e-3, kl_cov_coef=1.0),
+    "ppo": losses.LossConfig("ppo", clip_low=0.2, clip_high=0.2),
+    "dual_clip": losses.LossConfig("dual_clip", clip_low=0.2, clip_high=0.2, dual_clip_c=3.0),
+    "clip_cov": losses.LossConfig("clip_cov", clip_low=1.0, clip_high=1.0, clip_cov_ratio=2e-4),
+    "kl_cov": losses.LossConfig("kl_cov", kl_cov_ratio=2e-4, kl_cov_coef=1.0),
+    "kl_cov(r=2e-3)": losses.LossConfig("kl_cov", kl_cov_ratio=2e-3, kl_cov_coef=1.0),
 }
 
 
@@ -65,18 +65,16 @@ def timings_ms(fns: dict, args: tuple, warmup: int, repeats: int) -> dict[str, l
     return times
 
 
-def loss_grad_fn(recipe: dict):
+def loss_grad_fn(recipe: losses.LossConfig):
     def loss(logp, old_logp, advantages, mask, rng):
-        return losses.policy_loss(logp, old_logp, advantages, mask, rng=rng, **recipe)[0]
+        return losses.policy_loss(logp, old_logp, advantages, mask, recipe, rng=rng)[0]
 
     return jax.jit(jax.grad(loss))
 
 
-def select_fn(recipe: dict):
-    kwargs = {k: v for k, v in recipe.items() if k not in ("kl_cov_coef", "dual_clip_c")}
-
+def select_fn(recipe: losses.LossConfig):
     def select(logp, old_logp, advantages, mask, rng):
-        return losses.select_tokens(logp, old_logp, advantages, mask, rng=rng, **kwargs)
+        return losses.select_tokens(logp, old_logp, advantages, mask, recipe, rng=rng)
 
     return jax.jit(select)
 
@@ -93,11 +91,7 @@ def main() -> None:
     inputs = make_inputs(batch, length)
     args_in = (*inputs, jax.random.key(1))
     fns = {name: loss_grad_fn(recipe) for name, recipe in RECIPES.items()}
-    selections = {
-        name: select_fn(recipe)
-        for name, recipe in RECIPES.items()
-        if recipe["method"] in ("clip_cov", "kl_cov")
-    }
+    selections = {name: select_fn(recipe) for name, recipe in RECIPES.items() if recipe.selects}
     fns.update({f"select {name}": fn for name, fn in selections.items()})
     times = timings_ms(fns, args_in, args.warmup, args.repeats)
     median = {name: statistics.median(t) for name, t in times.items()}

@@ -171,7 +171,8 @@ def check_case(case: Case, *, run: bool = False) -> dict[str, float]:
     import jax.numpy as jnp
     from flax import nnx
 
-    from covjax import sharding, train_step
+    from covjax import config as config_lib
+    from covjax import losses, sharding, train_step
     from covjax.model import ModelConfig, Transformer
 
     shape = SCALES[case.scale]
@@ -207,8 +208,10 @@ def check_case(case: Case, *, run: bool = False) -> dict[str, float]:
         advantages=jnp.linspace(-1, 1, rows * resp, dtype=jnp.float32).reshape(rows, resp),
         old_logp=jnp.full((rows, resp), -1.0, jnp.float32),
     )
-    cfg = train_step.StepConfig(
-        method="clip_cov", micro_batch_size=rows_per_micro, chunk_size=case.logits_chunk
+    cfg = dataclasses.replace(  # the schema's step (no entropy or KL term), the paper's loss
+        train_step.StepConfig.from_config(config_lib.base_config()),
+        loss=losses.LossConfig("clip_cov"), micro_batch_size=rows_per_micro,
+        chunk_size=case.logits_chunk,
     )
     with jax.set_mesh(mesh):
         state_sharding = train_step.state_shardings(

@@ -24,6 +24,7 @@ memory from the device's memory_stats (the process's peak RSS on the CPU).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import time
@@ -35,8 +36,9 @@ from flax import nnx
 from shapes import QWEN2_5_0_5B
 
 from covjax import advantages, losses, sharding, train_step
+from covjax import config as config_lib
 from covjax.model import ModelConfig, Transformer
-from covjax.sampler import Sampler
+from covjax.sampler import Sampler, SamplingParams
 
 TINY = dict(  # the same family, shrunk for a CPU smoke run
     QWEN2_5_0_5B, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -96,11 +98,12 @@ def main(argv=None) -> dict:
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     model = build_model(args)
     vocab = model.config.vocab_size
-    cfg = train_step.StepConfig(
-        method=args.method, clip_low=1.0 if args.method == "clip_cov" else 0.2,
-        clip_high=1.0 if args.method == "clip_cov" else 0.2, clip_cov_ratio=args.ratio,
-        kl_cov_ratio=args.ratio, micro_batch_size=args.micro_batch,
-    )
+    eps = 1.0 if args.method == "clip_cov" else 0.2
+    loss = losses.LossConfig(args.method, clip_low=eps, clip_high=eps, clip_cov_ratio=args.ratio,
+                             kl_cov_ratio=args.ratio)
+    # the schema's step around it (no entropy or KL term, temperature 1)
+    cfg = dataclasses.replace(train_step.StepConfig.from_config(config_lib.base_config()),
+                              loss=loss, micro_batch_size=args.micro_batch)
     tx, schedule = train_step.make_optimizer(1e-6, 0.0, 1.0, 0)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     p_sharding = train_step.param_shardings(params, mesh)
@@ -108,13 +111,14 @@ def main(argv=None) -> dict:
     s_sharding = train_step.state_shardings(state, p_sharding, mesh)
     sampler = Sampler(model, mesh=mesh, length_buckets=(args.prompt_len,),
                       batch_buckets=(num_rows,))
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=cfg.temperature,
+                              n=args.n)
 
     def rollout(seed):
         rng = np.random.default_rng(seed)
         prompts = rng.integers(10, vocab, (args.prompts, args.prompt_len)).tolist()
         budgets = rng.integers(1, args.max_new_tokens + 1, num_rows).tolist()
-        return sampler.generate(prompts, max_new_tokens=args.max_new_tokens, n=args.n,
-                                budgets=budgets, rng=jax.random.key(seed))
+        return sampler.generate(prompts, sampling, budgets=budgets, rng=jax.random.key(seed))
 
     def host_batch(ro, seed):
         rewards = np.random.default_rng(seed).integers(0, 2, num_rows).astype(np.float32)
@@ -182,20 +186,17 @@ def main(argv=None) -> dict:
 def _selection_times(graphdef, rest, cfg, params, mb) -> dict[str, float]:
     """Seconds per mini-batch of the selection pre-pass (no-grad forward + select_tokens) and of
     select_tokens alone."""
-    kwargs = dict(method=cfg.method, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                  clip_cov_ratio=cfg.clip_cov_ratio, clip_cov_lb=cfg.clip_cov_lb,
-                  clip_cov_ub=cfg.clip_cov_ub, kl_cov_ratio=cfg.kl_cov_ratio)
 
     @jax.jit
     def prepass(params, mb, rng):
         logp, _ = train_step.batched_logprobs(graphdef, params, rest, mb, cfg)
-        return losses.select_tokens(logp, mb["old_logp"], mb["advantages"], mb["mask"], rng=rng,
-                                    **kwargs)
+        return losses.select_tokens(logp, mb["old_logp"], mb["advantages"], mb["mask"], cfg.loss,
+                                    rng=rng)
 
     @jax.jit
     def select(mb, rng):
         return losses.select_tokens(mb["old_logp"], mb["old_logp"], mb["advantages"],
-                                    mb["mask"], rng=rng, **kwargs)
+                                    mb["mask"], cfg.loss, rng=rng)
 
     key = jax.random.key(0)
     timed(prepass, params, mb, key)

@@ -277,7 +277,7 @@ def run_covjax(args) -> dict:
     from flax import nnx
 
     from covjax.model import ModelConfig, Transformer
-    from covjax.sampler import Sampler
+    from covjax.sampler import Sampler, SamplingParams
 
     bandwidth, flop_rate = measure_ceilings(jax, jnp)
     device = jax.devices()[0]
@@ -307,8 +307,7 @@ def run_covjax(args) -> dict:
         def generate(new_tokens, budgets=None, key=0, sampler=sampler, prompts=prompts):
             return sampler.generate(
                 prompts,
-                max_new_tokens=new_tokens,
-                temperature=1.0,
+                SamplingParams(max_new_tokens=new_tokens, temperature=1.0),
                 rng=jax.random.key(key),
                 budgets=budgets,
             )

@@ -23,9 +23,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from covjax import sampler as sampler_lib
 from covjax.data import PromptDataset
 from covjax.rewards.math import DEFAULT_TIMEOUT_S, score_batch
+from covjax.sampler import Sampler, SamplingParams, decode_responses
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -53,10 +53,10 @@ def set_metrics(scores: np.ndarray, lengths: np.ndarray, stopped: np.ndarray) ->
 
 
 def _sample(
-    sampler: sampler_lib.Sampler,
+    sampler: Sampler,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[list[int]],
-    params: sampler_lib.SamplingParams,
+    params: SamplingParams,
     *,
     per_call: int,
     rng: jax.Array,
@@ -68,7 +68,7 @@ def _sample(
         rollout = sampler.generate(
             prompts[start : start + per_call], params, rng=jax.random.fold_in(rng, start)
         )
-        texts += sampler_lib.decode_responses(rollout, tokenizer)
+        texts += decode_responses(rollout, tokenizer)
         lengths += rollout.lengths.tolist()
         stopped += rollout.stopped.tolist()
     return texts, lengths, stopped
@@ -79,7 +79,7 @@ def evaluate(
     tokenizer: PreTrainedTokenizerBase,
     datasets: Mapping[str, PromptDataset],
     *,
-    sampler: sampler_lib.Sampler | None = None,
+    sampler: Sampler | None = None,
     max_new_tokens: int = 3072,
     batch_size: int = 64,
     samples_k: int = SAMPLES_K,
@@ -103,7 +103,7 @@ def evaluate(
         if not (isinstance(value, numbers.Integral) and value >= 1):
             raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
     # One batch bucket: the last, partial batch of a set compiles no program of its own.
-    sampler = sampler or sampler_lib.Sampler(model, batch_buckets=(batch_size,))
+    sampler = sampler or Sampler(model, batch_buckets=(batch_size,))
     if stop_token_ids is None:
         stop_token_ids = [i for i in (tokenizer.eos_token_id,) if i is not None]
     key = jax.random.key(seed)
@@ -111,7 +111,7 @@ def evaluate(
     for set_index, (name, ds) in enumerate(datasets.items()):
         sampled = is_sampled_set(name)
         k = samples_k if sampled else 1
-        params = sampler_lib.SamplingParams(
+        params = SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=temperature if sampled else 0.0,
             top_p=top_p,

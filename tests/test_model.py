@@ -189,7 +189,7 @@ def test_save_pretrained_round_trip(hf_dirs, name, tmp_path):
 
 
 def test_save_pretrained_keeps_special_ids_and_generation_config(tmp_path):
-    from covjax.eval import stop_ids
+    from covjax.model import stop_ids
 
     source, saved = tmp_path / "source", tmp_path / "saved"
     model = tiny_hf_model("llama", seed=0, num_attention_heads=4, num_key_value_heads=2,

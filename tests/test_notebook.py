@@ -1,6 +1,6 @@
 """notebooks/entropy_mechanism.ipynb executed end to end on a shortened sweep (nbclient), and its
 table checked against numbers recomputed here with NumPy from the metrics files the runs wrote
-(definitions: covjax/toy_sweep.py's docstring, ALGORITHMS.md sections 1-2)."""
+(definitions: covjax/analysis/toy_sweep.py's docstring, ALGORITHMS.md sections 1-2)."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
-from covjax import toy_sweep
+from covjax.analysis import toy_sweep
 
 NOTEBOOK = os.path.join(toy_sweep.REPO_ROOT, "notebooks", "entropy_mechanism.ipynb")
 STEPS = 7  # smoke configs evaluate and dump cov every 2 steps: evaluations at 0, 2, 4, 6

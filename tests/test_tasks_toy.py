@@ -162,7 +162,7 @@ def test_model_config_is_tiny_qwen2():
 
 
 def test_warm_start_is_deterministic_and_cached(tmp_path):
-    ws = toy_ws.WarmStart(steps=3, batch_size=16)
+    ws = toy_ws.WarmStart(steps=3, batch_size=16, lr=3e-3, frac_correct=0.65)
 
     def params(cache_dir, init_seed=0):
         model = Transformer(toy_ws.model_config(), rngs=nnx.Rngs(init_seed))

@@ -84,16 +84,13 @@ def model_config(*, param_dtype: str = "float32", compute_dtype: str = "float32"
 
 @dataclasses.dataclass(frozen=True)
 class WarmStart:
-    """The supervised warm start: Adam steps on a mix of correct and random answers.
+    """The supervised warm start: Adam steps on a mix of correct and random answers (the
+    values, and why: config.py's data.toy section)."""
 
-    The defaults give the easy variant a start with room to rise on every seed; the hard variant
-    keeps 600 steps (configs/recipes.py); measurements: docs/toy_results.md, "Settings".
-    """
-
-    steps: int = 2000
-    batch_size: int = 256
-    lr: float = 3e-3
-    frac_correct: float = 0.65  # a quarter learned nothing, all-correct data left no room to rise
+    steps: int
+    batch_size: int
+    lr: float
+    frac_correct: float
 
 
 def _param_leaves(model: nnx.Module) -> list[tuple[str, jax.Array]]:
@@ -174,7 +171,7 @@ def warm_start(
     *,
     variant: Variant,
     seed: int,
-    ws: WarmStart = WarmStart(),
+    ws: WarmStart,
     cache_dir: str = "",
 ) -> bool:
     """Puts the warm-started policy for (variant, seed) into `model` in place.
