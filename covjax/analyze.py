@@ -19,18 +19,17 @@ from __future__ import annotations
 import math
 import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
-from typing import NoReturn
 
 from absl import app, flags
 
-from covjax import metrics
+from covjax import cli, metrics
 from covjax.analysis import plots, runs, stats
 
-_WORKDIR = flags.DEFINE_list("workdir", None, "Comma-separated training workdirs.", required=True)
-_OUT = flags.DEFINE_string("out", None, "Output folder for the figures and summary.md.",
-                           required=True)
+# Required, checked in main rather than by absl's required=True: absl would check it whenever any
+# module's flags are parsed (tests run this command line in-process beside covjax.eval's).
+_WORKDIR = flags.DEFINE_list("workdir", None, "Comma-separated training workdirs (required).")
+_OUT = flags.DEFINE_string("out", None, "Output folder for the figures and summary.md (required).")
 _FIT_FRACTION = flags.DEFINE_float(
     "fit_fraction", 0.5, "Fit the law on this first fraction of the steps, predict the rest.")
 _ACCURACY_KEY = flags.DEFINE_string(
@@ -60,22 +59,6 @@ flags.register_validator("equal_reward", lambda v: v is None or math.isfinite(v)
                          "must be a finite number")
 
 
-def _fail(message: str) -> NoReturn:
-    """Stops with one line on stderr and status 1, as covjax.train does for an unknown key."""
-    sys.exit("FATAL Flags parsing error: " + " ".join(message.split("\n")))
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing with its error on one line (absl adds a hint line; a value it rejects
-    reads "--flag=value: why")."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.UnrecognizedFlagError as e:
-        _fail(f"{e.flagvalue}: {e}")
-    except flags.Error as e:
-        _fail(str(e).removeprefix("flag "))
-
-
 def _run_names(workdirs: list[str]) -> list[str]:
     """Base names of the workdirs; the whole path where two base names collide."""
     names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
@@ -87,25 +70,27 @@ def _file_safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def _read_runs(workdirs: Sequence[str]) -> dict[str, list[dict]]:
+def _read_runs(workdirs: Sequence[str] | None) -> dict[str, list[dict]]:
     """{run name: records} of every --workdir, the metric flags checked against what each logs."""
+    if workdirs is None:
+        cli.fail("--workdir is required: the training workdirs to report, comma-separated")
     if not workdirs:
-        _fail("--workdir='': names no workdir")
+        cli.fail("--workdir='': names no workdir")
     records = {}
     for name, workdir in zip(_run_names(list(workdirs)), workdirs, strict=True):
         try:
             records[name] = runs.read_metrics(workdir)
         except (OSError, ValueError) as e:
-            _fail(f"--workdir={workdir}: {e}")
+            cli.fail(f"--workdir={workdir}: {e}")
         logged = set().union(*records[name])
         path = os.path.join(workdir, metrics.METRICS_FILE)
         for flag in (_ENTROPY_KEY, _REWARD_KEY, _ACCURACY_KEY):
             if flag.value is not None and flag.value not in logged:
-                _fail(f"--{flag.name}={flag.value}: not a metric of {path}")
+                cli.fail(f"--{flag.name}={flag.value}: not a metric of {path}")
         try:
             runs.resolve_accuracy_key(records[name], _ACCURACY_KEY.value)
         except ValueError as e:  # no accuracy metric the default can take
-            _fail(f"--workdir={workdir}: {e}")
+            cli.fail(f"--workdir={workdir}: {e}")
     return records
 
 
@@ -119,22 +104,24 @@ def _histogram_marks(workdirs: Sequence[str]) -> dict[str, dict[str, float]]:
             marks[workdir] = runs.histogram_marks(workdir, **given)
         except (OSError, ValueError) as e:
             named = [f"--{k}={v}" for k, v in given.items() if v is not None]
-            _fail(f"{', '.join(named) or f'--workdir={workdir}'}: {e}")
+            cli.fail(f"{', '.join(named) or f'--workdir={workdir}'}: {e}")
     return marks
 
 
-def _check_out(out: str) -> None:
+def _check_out(out: str | None) -> None:
+    if out is None:
+        cli.fail("--out is required: the folder the figures and summary.md go to")
     if os.path.exists(out) and not os.path.isdir(out):
-        _fail(f"--out={out}: exists and is not a directory")
+        cli.fail(f"--out={out}: exists and is not a directory")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]} (every setting is a --flag=value)")
+        cli.fail(f"unexpected arguments {argv[1:]} (every setting is a --flag=value)")
+    _check_out(_OUT.value)
     workdirs = _WORKDIR.value
     records = _read_runs(workdirs)
     marks = _histogram_marks(workdirs)
-    _check_out(_OUT.value)
     print(_write_report(records, workdirs, marks, _OUT.value))
 
 
@@ -187,4 +174,4 @@ def _write_report(runs_by_name: Mapping[str, list[dict]], workdirs: Sequence[str
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

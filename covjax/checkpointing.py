@@ -19,7 +19,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from covjax.config import ConfigError, flatten, split_files, split_named_files, to_json
+from covjax.config import ConfigError, flatten, to_json
+from covjax.data import split_files, split_named_files
 
 
 def make_manager(workdir: Path) -> ocp.CheckpointManager:

@@ -20,6 +20,7 @@ from typing import Any
 import ml_collections
 
 from covjax.advantages import ESTIMATORS
+from covjax.data import split_files, split_named_files
 from covjax.losses import AGG_MODES, KL_ESTIMATORS, METHODS, LossConfig
 from covjax.model.config import DTYPES, REMAT_POLICIES
 
@@ -307,23 +308,6 @@ def unknown_override_keys(argv: list[str]) -> list[str]:
             hint = f" (did you mean config.{close[0]}?)" if close else ""
             unknown.append(f"config.{key}{hint}")
     return unknown
-
-
-def split_files(spec: str) -> list[str]:
-    """ "a.parquet,b.jsonl" -> ["a.parquet", "b.jsonl"]."""
-    return [s.strip() for s in spec.split(",") if s.strip()]
-
-
-def split_named_files(spec: str, *, source: str = "config.data.eval_files") -> dict[str, str]:
-    """ "math500=a.parquet,aime=b.jsonl" -> {"math500": "a.parquet", "aime": "b.jsonl"}; a bad
-    entry raises ValueError naming `source` (the key or flag it came from)."""
-    out = {}
-    for item in split_files(spec):
-        name, sep, path = (part.strip() for part in item.partition("="))
-        if not sep or not name or not path:
-            raise ValueError(f"{source} entry {item!r} is not name=path")
-        out[name] = path
-    return out
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -55,6 +55,23 @@ _FEATURES = datasets.Features(
 )
 
 
+def split_files(spec: str) -> list[str]:
+    """ "a.parquet,b.jsonl" -> ["a.parquet", "b.jsonl"]."""
+    return [s.strip() for s in spec.split(",") if s.strip()]
+
+
+def split_named_files(spec: str, *, source: str = "config.data.eval_files") -> dict[str, str]:
+    """ "math500=a.parquet,aime=b.jsonl" -> {"math500": "a.parquet", "aime": "b.jsonl"}; a bad
+    entry raises ValueError naming `source` (the key or flag it came from)."""
+    out = {}
+    for item in split_files(spec):
+        name, sep, path = (part.strip() for part in item.partition("="))
+        if not sep or not name or not path:
+            raise ValueError(f"{source} entry {item!r} is not name=path")
+        out[name] = path
+    return out
+
+
 class _Malformed(ValueError):
     """A row that cannot be used; the message names the field."""
 

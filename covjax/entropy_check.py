@@ -20,7 +20,7 @@ Two forms are implemented:
   move its logits by eta * A (the logits share parameters), and under Adam the effective step is
   not eta. So the trainer logs the prediction next to `measured_entropy_change` (entropy of the
   same batch recomputed after the update minus before) and the analysis judges the sign, the
-  correlation over steps and the ratio measured / predicted (covjax.analysis.check_agreement).
+  correlation over steps and the ratio measured / predicted (covjax.analysis.stats.check_agreement).
   Measure around one optimizer update on its own mini-batch; over k updates between the two
   entropy measurements the first-order prediction is k times larger (pass eta = k * lr).
 """

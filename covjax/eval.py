@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from absl import app, flags
 
-from covjax import evaluation
-from covjax.config import split_named_files
-from covjax.data import DEFAULT_INSTRUCTION, SCHEMA_ALIASES, load_prompts
+from covjax import cli, evaluation
+from covjax.data import DEFAULT_INSTRUCTION, SCHEMA_ALIASES, load_prompts, split_named_files
 from covjax.model import check_pretrained, from_pretrained, load_tokenizer, stop_ids
 from covjax.model.config import DTYPES
 from covjax.rewards.math import DEFAULT_TIMEOUT_S
@@ -67,48 +65,32 @@ flags.register_validator("top_p", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
 flags.register_validator("timeout_s", lambda v: 0.0 < v < math.inf, "must be a positive number")
 
 
-def _fail(message: str) -> NoReturn:
-    """Stops with one line on stderr and status 1, as covjax.train does for an unknown key."""
-    sys.exit("FATAL Flags parsing error: " + " ".join(message.split("\n")))
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing with its error on one line (absl adds a hint line; a value it rejects
-    reads "--flag=value: why")."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.UnrecognizedFlagError as e:
-        _fail(f"{e.flagvalue}: {e}")
-    except flags.Error as e:
-        _fail(str(e).removeprefix("flag "))
-
-
 def parse_data_flag(spec: str) -> dict[str, str]:
     """ "math500=a.jsonl,aime24=b.parquet" -> {"math500": "a.jsonl", "aime24": "b.parquet"};
     every file must exist."""
     try:
         sets = split_named_files(spec, source="--data")
     except ValueError as e:
-        _fail(f"--data={spec}: {e}")
+        cli.fail(f"--data={spec}: {e}")
     if not sets:
-        _fail(f"--data={spec!r}: names no set; expected name=path,name=path")
+        cli.fail(f"--data={spec!r}: names no set; expected name=path,name=path")
     for name, path in sets.items():
         if not os.path.isfile(path):
-            _fail(f"--data={name}={path}: no such file")
+            cli.fail(f"--data={name}={path}: no such file")
     return sets
 
 
 def _model_dir() -> str:
     """The model folder of --model or --checkpoint, its config.json and weights' headers read."""
     if bool(_MODEL.value) == bool(_CHECKPOINT.value):
-        _fail("give exactly one of --model=HF_DIR or --checkpoint=WORKDIR, got "
+        cli.fail("give exactly one of --model=HF_DIR or --checkpoint=WORKDIR, got "
               f"--model={_MODEL.value!r} --checkpoint={_CHECKPOINT.value!r}")
     flag = f"--model={_MODEL.value}" if _MODEL.value else f"--checkpoint={_CHECKPOINT.value}"
     try:
         model_dir = _MODEL.value or evaluation.resolve_checkpoint(_CHECKPOINT.value)
         check_pretrained(model_dir)
     except (OSError, ValueError) as e:
-        _fail(f"{flag}: {e}")
+        cli.fail(f"{flag}: {e}")
     return model_dir
 
 
@@ -116,18 +98,21 @@ def _take_training_settings(workdir: str) -> dict[str, Any]:
     """Sets the flags left at their default from the run's config.json; returns those taken."""
     try:
         settings = evaluation.training_eval_settings(workdir)
-        taken = {k: v for k, v in settings.items() if flags.FLAGS[k].using_default_value}
-        for name, value in taken.items():
-            setattr(flags.FLAGS, name, value)
-    except (ValueError, flags.Error) as e:
-        _fail(f"--checkpoint={workdir}: {os.path.join(workdir, 'config.json')}: {e}")
+    except ValueError as e:
+        cli.fail(f"--checkpoint={workdir}: {e}")
+    taken = {k: v for k, v in settings.items() if flags.FLAGS[k].using_default_value}
+    for name, value in taken.items():
+        try:
+            setattr(flags.FLAGS, name, value)  # absl checks the value as it would a given flag's
+        except flags.Error as e:
+            cli.fail(f"--checkpoint={workdir}: its config.json gives --{name}={value!r}: {e}")
     return taken
 
 
 def main(argv: Sequence[str]) -> None:
     """The command line: check the flags, load the sets and the model, evaluate, print."""
     if len(argv) > 1:
-        _fail(f"unexpected arguments {list(argv[1:])} (every setting is a --flag=value)")
+        cli.fail(f"unexpected arguments {list(argv[1:])} (every setting is a --flag=value)")
     data_files = parse_data_flag(_DATA.value)
     model_dir = _model_dir()
     if _CHECKPOINT.value and (taken := _take_training_settings(_CHECKPOINT.value)):
@@ -139,12 +124,12 @@ def main(argv: Sequence[str]) -> None:
         else os.path.join("eval", os.path.basename(os.path.normpath(model_dir)))
     )
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        _fail(f"--output_dir={output_dir}: exists and is not a directory")
+        cli.fail(f"--output_dir={output_dir}: exists and is not a directory")
     tokenizer_dir = _TOKENIZER.value or model_dir
     try:
         tokenizer = load_tokenizer(tokenizer_dir)
     except (OSError, ValueError) as e:
-        _fail(f"--tokenizer={tokenizer_dir}: {e}")
+        cli.fail(f"--tokenizer={tokenizer_dir}: {e}")
     datasets = {}
     for name, path in data_files.items():
         try:
@@ -152,7 +137,7 @@ def main(argv: Sequence[str]) -> None:
                                           max_prompt_length=_MAX_PROMPT_LENGTH.value,
                                           instruction=_INSTRUCTION.value)
         except (OSError, ValueError) as e:
-            _fail(f"--data={name}={path}: {e}")
+            cli.fail(f"--data={name}={path}: {e}")
     model = from_pretrained(model_dir, compute_dtype=_COMPUTE_DTYPE.value)
     summary = evaluation.evaluate(
         model,
@@ -175,4 +160,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -26,8 +26,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from covjax import cli, multihost, trainer
 from covjax import config as config_lib
-from covjax import multihost, trainer
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,8 +37,8 @@ DEFAULT_CONFIG = os.path.join(_REPO_ROOT, "configs", "default.py")
 # the flag is defined, and stops on an unknown key with a traceback.
 if __name__ == "__main__":
     if _unknown := config_lib.unknown_override_keys(sys.argv):
-        sys.exit(f"FATAL Flags parsing error: {'; '.join(_unknown)}: not a known config key "
-                 "(every key with its default and range: covjax/config.py)")
+        cli.fail(f"{'; '.join(_unknown)}: not a known config key (every key with its default "
+                 "and range: covjax/config.py)")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", DEFAULT_CONFIG, "Config file (configs/*.py), optionally with ':arg' (e.g. ':smoke').",
@@ -84,8 +84,8 @@ def main(argv: list[str]) -> None:
     logging.info("workdir: %s", workdir)
     try:
         trainer.train(_CONFIG.value, workdir)
-    except config_lib.ConfigError as error:  # bad input: one line, no traceback
-        sys.exit(f"FATAL {error}")
+    except config_lib.ConfigError as error:
+        cli.fail(str(error))
     except trainer.StoppedBySignal as stopped:
         # exit as a process killed by the signal would, so `train && eval` does not go on
         logging.warning("%s", stopped)
@@ -93,4 +93,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -71,7 +71,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
             "file system every process sees"
         )
     m = config.mesh
-    mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor)
+    try:
+        mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor)
+    except ValueError as error:  # the mesh does not fit the devices
+        raise config_lib.ConfigError(f"config.mesh: {error}") from error
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     mini_rows = config.train.mini_batch_prompts * config.rollout.n
     if mini_rows % shards:
@@ -79,9 +82,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
             f"config.train.mini_batch_prompts * config.rollout.n = {mini_rows} rows per "
             f"mini-batch do not split over the {shards} batch shards of config.mesh (data x fsdp)"
         )
-    if config.data.task != "toy":  # the model folder's config and weight files, not the weights
-        check_pretrained(os.path.expanduser(config.model.path))
-    task = load_task(config)  # bad data fails here, before anything is written
+    try:  # the model folder's config and weight headers, the tokenizer and the data files
+        if config.data.task != "toy":
+            check_pretrained(os.path.expanduser(config.model.path))
+        task = load_task(config)  # bad data fails here, before anything is written
+    except (OSError, ValueError) as error:  # their messages name the file and the field or row
+        raise config_lib.ConfigError(str(error)) from error
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     manager = checkpointing.make_manager(workdir)

@@ -35,6 +35,37 @@ def recipes() -> types.SimpleNamespace:
     return types.SimpleNamespace(**runpy.run_path(str(REPO / "configs" / "recipes.py")))
 
 
+def load_config(name: str, arg: str | None = None):
+    """configs/<name>.py's get_config(arg), loaded by path as ml_collections' config flag does."""
+    module = types.SimpleNamespace(**runpy.run_path(str(REPO / "configs" / f"{name}.py")))
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+def cli_runner(main, program: str):
+    """run(*args) -> the message an absl entry point's `main` exits with, its flags parsed in
+    this process as app.run parses them (covjax.cli.parse_flags), each call from the defaults."""
+    import pytest
+    from absl import flags
+
+    from covjax import cli
+
+    def run(*args: str):
+        flags.FLAGS.unparse_flags()
+        with pytest.raises(SystemExit) as stopped:
+            main(cli.parse_flags([program, *args]))
+        return stopped.value.code
+
+    return run
+
+
+def assert_one_fatal_line(message, expected: list[str]) -> None:
+    """`message` is one "FATAL Flags parsing error: ..." line holding every text of `expected`."""
+    assert isinstance(message, str) and message.startswith("FATAL Flags parsing error: "), message
+    assert "\n" not in message
+    for text in expected:
+        assert text in message, message
+
+
 def tiny_hf_model(family: str, seed: int, **config):
     """A transformers model of `family` with random weights drawn after torch.manual_seed(seed),
     in eval mode; `config` holds the config keywords."""

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import assert_one_fatal_line, cli_runner
 from test_analysis_plots import assert_png
 from test_analysis_runs import write_run
 
@@ -52,55 +53,87 @@ def test_analyze_cli_end_to_end(tmp_path):
     assert "Entropy at equal reward" in summary
 
 
+FATAL = "FATAL Flags parsing error: "
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, *expected: str) -> None:
     """Exit status non-zero and stderr one line, naming the flag and value, with no traceback."""
     assert result.returncode != 0, result.stdout
     assert len(result.stderr.splitlines()) == 1, result.stderr
-    assert result.stderr.startswith("FATAL Flags parsing error: "), result.stderr
+    assert result.stderr.startswith(FATAL), result.stderr
     for text in expected:
         assert text in result.stderr, (text, result.stderr)
 
 
-def test_every_bad_flag_stops_with_one_line_before_any_output(tmp_path):
-    """Each case in its own process, all started at once (each costs an interpreter start)."""
-    run, empty, out, a_file = (str(tmp_path / n) for n in ("A", "empty", "out", "file"))
+@pytest.fixture
+def analyze_cli(monkeypatch):
+    """The command line in this process: the absl flags parsed as app.run parses them, then main;
+    returns the message it exits with. The report is never written (an AssertionError if so)."""
+    from absl import flags
+
+    from covjax import analyze
+
+    def fail_if_written(*args, **kwargs):
+        raise AssertionError("the report was written: the flags were not rejected")
+
+    monkeypatch.setattr(analyze, "_write_report", fail_if_written)
+
+    yield cli_runner(analyze.main, "analyze")
+    flags.FLAGS.unparse_flags()
+
+
+@pytest.fixture
+def workdirs(tmp_path):
+    run, empty, a_file = (str(tmp_path / n) for n in ("A", "empty", "file"))
     write_run(run)
     os.makedirs(empty)
     open(a_file, "w").close()
-    absent = str(tmp_path / "absent")
-    cases = [  # (flags, what the line names)
-        ([f"--workdir={absent}", f"--out={out}"], [f"--workdir={absent}: ", "does not exist"]),
-        ([f"--workdir={run},{empty}", f"--out={out}"],
-         [f"--workdir={empty}: ", os.path.join(empty, "metrics.jsonl"), "not found"]),
-        ([f"--workdir={run}"], ["--out"]),
-        ([f"--workdir={run}", f"--out={a_file}"], [f"--out={a_file}: exists and is not a dir"]),
-        ([f"--workdir={run}", f"--out={out}", "--bogus=3"], ["--bogus=3: ", "'bogus'"]),
-        ([f"--workdir={run}", f"--out={out}", "--fit_fraction=1.5"],
-         ["--fit_fraction=1.5: must be in (0, 1)"]),
-        ([f"--workdir={run}", f"--out={out}", "--bin_steps=0"], ["--bin_steps=0: "]),
-        ([f"--workdir={run}", f"--out={out}", "--window=ten"], ["--window=ten: "]),
-        ([f"--workdir={run}", f"--out={out}", "--concentration_min_step=-1"],
-         ["--concentration_min_step=-1: "]),
-        ([f"--workdir={run}", f"--out={out}", "--equal_reward=inf"],
-         ["--equal_reward=inf: must be a finite number"]),
-        ([f"--workdir={run}", f"--out={out}", "--entropy_key=entropy/typo"],
-         ["--entropy_key=entropy/typo: not a metric of ", os.path.join(run, "metrics.jsonl")]),
-        ([f"--workdir={run}", f"--out={out}", "--accuracy_key=val/math/accuracy"],
-         ["--accuracy_key=val/math/accuracy: not a metric of "]),
-        ([f"--workdir={run}", f"--out={out}", "--kl_cov_ratio=2"],
-         ["--kl_cov_ratio=2.0: ", "0 < kl_cov_ratio <= 1"]),
-        ([f"--workdir={run}", f"--out={out}", "stray"], ["unexpected arguments ['stray']"]),
-    ]
-    root = os.path.dirname(os.path.dirname(covjax.__file__))
-    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
-    processes = [subprocess.Popen([sys.executable, "-m", "covjax.analyze", *args], cwd=root,
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for args, _ in cases]
-    for process, (args, expected) in zip(processes, cases, strict=True):
-        stdout, stderr = process.communicate(timeout=120)
-        result = subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
-        assert_one_line_error(result, *expected)
-    assert not os.path.exists(out)  # every check comes before the report is written
+    return dict(run=run, empty=empty, file=a_file, absent=str(tmp_path / "absent"),
+                out=str(tmp_path / "out"))
+
+
+BAD_FLAGS = [  # (flags, what the line names); {run}, {empty}, ... from the workdirs fixture
+    (["--workdir={absent}", "--out={out}"], ["--workdir={absent}: ", "does not exist"]),
+    (["--workdir={run},{empty}", "--out={out}"],
+     ["--workdir={empty}: ", "{empty}/metrics.jsonl", "not found"]),
+    (["--workdir=", "--out={out}"], ["--workdir='': names no workdir"]),
+    (["--workdir={run}"], ["--out is required"]),
+    (["--out={out}"], ["--workdir is required"]),
+    (["--workdir={run}", "--out={file}"], ["--out={file}: exists and is not a directory"]),
+    (["--workdir={run}", "--out={out}", "--bogus=3"], ["--bogus=3: ", "'bogus'"]),
+    (["--workdir={run}", "--out={out}", "--fit_fraction=1.5"],
+     ["--fit_fraction=1.5: must be in (0, 1)"]),
+    (["--workdir={run}", "--out={out}", "--bin_steps=0"], ["--bin_steps=0: "]),
+    (["--workdir={run}", "--out={out}", "--window=ten"], ["--window=ten: "]),
+    (["--workdir={run}", "--out={out}", "--concentration_min_step=-1"],
+     ["--concentration_min_step=-1: "]),
+    (["--workdir={run}", "--out={out}", "--equal_reward=inf"],
+     ["--equal_reward=inf: must be a finite number"]),
+    (["--workdir={run}", "--out={out}", "--entropy_key=entropy/typo"],
+     ["--entropy_key=entropy/typo: not a metric of {run}/metrics.jsonl"]),
+    (["--workdir={run}", "--out={out}", "--accuracy_key=val/math/accuracy"],
+     ["--accuracy_key=val/math/accuracy: not a metric of "]),
+    (["--workdir={run}", "--out={out}", "--kl_cov_ratio=2"],
+     ["--kl_cov_ratio=2.0: ", "0 < kl_cov_ratio <= 1"]),
+    (["--workdir={run}", "--out={out}", "stray"], ["unexpected arguments ['stray']"]),
+]
+
+
+@pytest.mark.parametrize("args, expected", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_a_bad_flag_stops_with_one_line_naming_it(analyze_cli, workdirs, args, expected):
+    message = analyze_cli(*(a.format(**workdirs) for a in args))
+    assert_one_fatal_line(message, [text.format(**workdirs) for text in expected])
+    assert not os.path.exists(workdirs["out"])
+
+
+def test_the_process_prints_the_line_alone(workdirs):
+    """What a user sees: status 1 and the one line on stderr, no traceback, nothing on stdout."""
+    result = run_analyze(f"--workdir={workdirs['absent']}", f"--out={workdirs['out']}")
+    assert_one_line_error(result, f"--workdir={workdirs['absent']}: ")
+    assert result.returncode == 1 and result.stdout == ""
+    result = run_analyze(f"--workdir={workdirs['run']}", f"--out={workdirs['out']}", "--bogus")
+    assert_one_line_error(result, "--bogus: ")
+    assert not os.path.exists(workdirs["out"])
 
 
 def test_analyze_cli_marks_from_the_run_config_and_flags(tmp_path):

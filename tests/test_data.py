@@ -261,3 +261,9 @@ def test_loader_order_and_resume(tmp_path, tokenizer):
 
 def _take(loader, n):
     return [next(loader) for _ in range(n)]
+
+
+def test_named_eval_files_parse():
+    assert data.split_named_files("a=x.parquet, b=y.jsonl") == {"a": "x.parquet", "b": "y.jsonl"}
+    with pytest.raises(ValueError, match="'x.parquet' is not name=path"):
+        data.split_named_files("x.parquet")

@@ -15,7 +15,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import chatml, make_tokenizer, tiny_hf_model, write_jsonl
+from helpers import (
+    assert_one_fatal_line,
+    chatml,
+    cli_runner,
+    make_tokenizer,
+    tiny_hf_model,
+    write_jsonl,
+)
 
 from covjax import config as config_lib
 from covjax.rewards.math import score_batch
@@ -174,58 +181,85 @@ def test_greedy_responses_match_transformers(run):
         assert r["response"] == tok.decode(new, skip_special_tokens=True)
 
 
-def test_every_bad_flag_stops_with_one_line_before_the_model_loads(files, tmp_path):
-    """Each case in its own process, all started at once (each costs an interpreter start). Every
-    check comes before from_pretrained, and nothing is written."""
-    workdir, model, tokenizer = files["workdir"], files["workdir"] / "hf_step_3", files["tokenizer"]
-    good = [f"--model={model}", f"--tokenizer={tokenizer}", f"--data=math500={files['math500']}"]
-    empty, a_file, broken = tmp_path / "empty.jsonl", tmp_path / "file", tmp_path / "broken"
-    empty.write_text("")
-    a_file.write_text("")
+FATAL = "FATAL Flags parsing error: "
+
+
+@pytest.fixture
+def paths(files, tmp_path):
+    """Good and bad paths for the flags: the tiny model, a folder without one, an empty set..."""
+    model = files["workdir"] / "hf_step_3"
+    broken = tmp_path / "broken"  # a workdir whose config.json is not JSON
     shutil.copytree(model, broken / "hf_final")
     (broken / "config.json").write_text("{not json")
-    absent = tmp_path / "absent"
-    cases = [  # (flags, what the line names)
-        ([*good, "--bogus=3"], ["--bogus=3: ", "'bogus'"]),
-        ([f"--data=math500={files['math500']}"], ["exactly one of --model", "--model=''"]),
-        ([*good, f"--checkpoint={workdir}"],
-         ["exactly one of --model", f"--checkpoint='{workdir}'"]),
-        ([f"--model={absent}", *good[1:]], [f"--model={absent}: ", "does not exist"]),
-        ([f"--model={tmp_path}", *good[1:]], [f"--model={tmp_path}: ", "config.json"]),
-        ([f"--checkpoint={absent}", *good[1:]], [f"--checkpoint={absent}: ", "not a directory"]),
-        ([f"--checkpoint={tmp_path}", *good[1:]],
-         [f"--checkpoint={tmp_path}: ", "no hf_final or hf_step_"]),
-        ([f"--checkpoint={broken}", *good[1:]],
-         [f"--checkpoint={broken}: ", "config.json is not JSON"]),
-        ([*good[:2], f"--data=math500={files['math500']},oops"],
-         [f"--data=math500={files['math500']},oops: ", "'oops' is not name=path"]),
-        ([*good[:2], f"--data=aime24={absent}.parquet"],
-         [f"--data=aime24={absent}.parquet: no such file"]),
-        ([*good[:2], "--data="], ["--data='': names no set"]),
-        ([*good[:2], f"--data=math500={empty}"], [f"--data=math500={empty}: ", "no rows"]),
-        ([good[0], f"--tokenizer={absent}", good[2]], [f"--tokenizer={absent}: "]),
-        ([*good, f"--output_dir={a_file}"], [f"--output_dir={a_file}: exists and is not a dir"]),
-        ([*good, "--batch_size=0"], ["--batch_size=0: "]),
-        ([*good, "--samples_k=0"], ["--samples_k=0: "]),
-        ([*good, "--max_new_tokens=-5"], ["--max_new_tokens=-5: "]),
-        ([*good, "--max_prompt_length=lots"], ["--max_prompt_length=lots: "]),
-        ([*good, "--temperature=-0.5"], ["--temperature=-0.5: "]),
-        ([*good, "--top_p=1.5"], ["--top_p=1.5: must be in (0, 1]"]),
-        ([*good, "--timeout_s=0"], ["--timeout_s=0.0: must be a positive number"]),
-        ([*good, "--num_workers=0"], ["--num_workers=0: "]),
-        ([*good, "--compute_dtype=int8"], ["--compute_dtype=int8: ", "float32"]),
-        ([*good, "--schema=xml"], ["--schema=xml: ", "auto"]),
-        ([*good, "stray"], ["unexpected arguments ['stray']"]),
-    ]
-    env = {**os.environ, "PYTHONPATH": REPO}
-    processes = [subprocess.Popen([sys.executable, "-m", "covjax.eval", *args], cwd=tmp_path,
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for args, _ in cases]
-    for process, (args, expected) in zip(processes, cases, strict=True):
-        _, stderr = process.communicate(timeout=300)
-        assert process.returncode != 0, args
-        assert len(stderr.splitlines()) == 1, (args, stderr)
-        assert stderr.startswith("FATAL Flags parsing error: "), (args, stderr)
-        for text in expected:
-            assert text in stderr, (args, text, stderr)
-    assert not os.path.exists(tmp_path / "eval")  # the default output folder of --model
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "file").write_text("")
+    return dict(model=model, tokenizer=files["tokenizer"], math500=files["math500"],
+                workdir=files["workdir"], broken=broken, tmp=tmp_path,
+                absent=tmp_path / "absent", empty=tmp_path / "empty.jsonl", file=tmp_path / "file")
+
+
+@pytest.fixture
+def eval_cli(monkeypatch):
+    """The command line in this process: the absl flags parsed as app.run parses them, then main;
+    returns the message it exits with. Loading the model is an AssertionError: every check must
+    come before it."""
+    from absl import flags
+
+    from covjax import eval as eval_cli
+
+    def fail_if_loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded: the flags were not rejected")
+
+    monkeypatch.setattr(eval_cli, "from_pretrained", fail_if_loaded)
+
+    yield cli_runner(eval_cli.main, "eval")
+    flags.FLAGS.unparse_flags()
+
+
+GOOD = ["--model={model}", "--tokenizer={tokenizer}", "--data=math500={math500}"]
+BAD_FLAGS = [  # (flags, what the line names); {model}, {absent}, ... from the paths fixture
+    ([*GOOD, "--bogus=3"], ["--bogus=3: ", "'bogus'"]),
+    (GOOD[1:], ["exactly one of --model", "--model=''"]),
+    ([*GOOD, "--checkpoint={workdir}"], ["exactly one of --model", "--checkpoint='{workdir}'"]),
+    (["--model={absent}", *GOOD[1:]], ["--model={absent}: ", "does not exist"]),
+    (["--model={tmp}", *GOOD[1:]], ["--model={tmp}: ", "config.json"]),
+    (["--checkpoint={absent}", *GOOD[1:]], ["--checkpoint={absent}: ", "not a directory"]),
+    (["--checkpoint={tmp}", *GOOD[1:]], ["--checkpoint={tmp}: ", "no hf_final or hf_step_"]),
+    (["--checkpoint={broken}", *GOOD[1:]], ["--checkpoint={broken}: ", "is not JSON"]),
+    ([*GOOD[:2], "--data=math500={math500},oops"],
+     ["--data=math500={math500},oops: ", "'oops' is not name=path"]),
+    ([*GOOD[:2], "--data=aime24={absent}.parquet"], ["--data=aime24={absent}.parquet: no such"]),
+    ([*GOOD[:2], "--data="], ["--data='': names no set"]),
+    ([*GOOD[:2], "--data=math500={empty}"], ["--data=math500={empty}: ", "no rows"]),
+    ([GOOD[0], "--tokenizer={absent}", GOOD[2]], ["--tokenizer={absent}: "]),
+    ([*GOOD, "--output_dir={file}"], ["--output_dir={file}: exists and is not a directory"]),
+    ([*GOOD, "--batch_size=0"], ["--batch_size=0: "]),
+    ([*GOOD, "--samples_k=0"], ["--samples_k=0: "]),
+    ([*GOOD, "--max_new_tokens=-5"], ["--max_new_tokens=-5: "]),
+    ([*GOOD, "--max_prompt_length=lots"], ["--max_prompt_length=lots: "]),
+    ([*GOOD, "--temperature=-0.5"], ["--temperature=-0.5: "]),
+    ([*GOOD, "--top_p=1.5"], ["--top_p=1.5: must be in (0, 1]"]),
+    ([*GOOD, "--timeout_s=0"], ["--timeout_s=0.0: must be a positive number"]),
+    ([*GOOD, "--num_workers=0"], ["--num_workers=0: "]),
+    ([*GOOD, "--compute_dtype=int8"], ["--compute_dtype=int8: ", "float32"]),
+    ([*GOOD, "--schema=xml"], ["--schema=xml: ", "auto"]),
+    ([*GOOD, "stray"], ["unexpected arguments ['stray']"]),
+]
+
+
+@pytest.mark.parametrize("args, expected", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_a_bad_flag_stops_with_one_line_before_the_model_loads(eval_cli, paths, args, expected):
+    message = eval_cli(*(a.format(**paths) for a in args))
+    assert_one_fatal_line(message, [text.format(**paths) for text in expected])
+
+
+def test_the_process_prints_the_line_alone(paths):
+    """What a user sees: status 1 and the one line on stderr, no traceback, nothing on stdout."""
+    result = subprocess.run(
+        [sys.executable, "-m", "covjax.eval", f"--model={paths['absent']}",
+         f"--data=math500={paths['math500']}", "--top_p=2"],
+        cwd=paths["tmp"], env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"{FATAL}--top_p=2.0: must be in (0, 1]\n"  # flags before paths

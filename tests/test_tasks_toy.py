@@ -1,5 +1,6 @@
 """covjax.tasks.toy and covjax.tasks.toy_warm_start: the tokenizer, the exact reward checker,
-the warm-start data and the deterministic, cached warm start. References: brute-force enumeration and hand-made cases."""
+the warm-start data and the deterministic, cached warm start. References: brute-force
+enumeration and hand-made cases."""
 
 import itertools
 

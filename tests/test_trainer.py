@@ -140,6 +140,7 @@ def test_a_reused_workdir_refuses_another_experiment(straight, tmp_path):
     result = train(reused, "--config.loss.method=kl_cov", "--config.seed=3", check=False)
     assert result.returncode != 0
     assert "holds a checkpointed run of another config" in result.stderr
+    assert "Traceback" not in result.stderr
     assert "config.loss.method: 'clip_cov' -> 'kl_cov'; config.seed: 0 -> 3" in result.stderr
     assert {name: (reused / name).read_bytes() for name in kept} == kept  # nothing rewritten
 
@@ -162,6 +163,7 @@ def test_bad_config_stops_before_anything_is_written(tmp_path, flag, message):
     result = train(workdir, flag, check=False)
     assert result.returncode != 0
     assert message in result.stderr
+    assert "Traceback" not in result.stderr  # one line, not a Python error
     assert not workdir.exists()  # no config.json, no checkpoint
 
 
@@ -221,6 +223,7 @@ def test_paper_recipe_smoke_on_a_tiny_local_model(tmp_path):
     )
     assert result.returncode != 0
     assert "no_answers.jsonl" in result.stderr and "field 'answer' is missing" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "bad_data_run").exists()  # nothing written
     gpt = tmp_path / "gpt_model"  # a model folder covjax cannot load, with good data
     shutil.copytree(tmp_path / "model", gpt)
@@ -237,4 +240,5 @@ def test_paper_recipe_smoke_on_a_tiny_local_model(tmp_path):
     assert result.returncode != 0 and "architectures=['GPT2LMHeadModel'] is not supported" in (
         result.stderr
     )
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "bad_model_run").exists()

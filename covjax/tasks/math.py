@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from covjax import data, evaluation
-from covjax.config import split_files, split_named_files
+from covjax.data import split_files, split_named_files
 from covjax.model import stop_ids
 from covjax.rewards import math as math_reward
 from covjax.sampler import Rollout, Sampler, SamplingParams, decode_responses

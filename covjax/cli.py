@@ -1,0 +1,28 @@
+"""What the entry points (train, eval, analyze) share: bad input stops with one line.
+
+A bad flag or config value is the user's to fix, not a bug: it gets one line on stderr naming
+the flag and the value, status 1, and no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+from absl import flags
+
+
+def fail(message: str) -> NoReturn:
+    """Stops the program with `message` as one line on stderr and status 1."""
+    sys.exit("FATAL Flags parsing error: " + " ".join(message.split("\n")))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with its error on one line (absl adds a hint line; a value it rejects
+    reads "--flag=value: why"); pass it to `app.run(main, flags_parser=parse_flags)`."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.UnrecognizedFlagError as e:
+        fail(f"{e.flagvalue}: {e}")
+    except flags.Error as e:
+        fail(str(e).removeprefix("flag "))
