@@ -50,7 +50,7 @@ def toy_config(method: str, arg: str | None = None) -> ml_collections.ConfigDict
         c.data.toy.variant = "hard"
         # docs/toy_results.md, "Settings": the non-saturating variant makes 4 updates every step
         # and loses reward with the easy variant's ratios; it keeps the paper's band [1, 5] and
-        # the 600-step warm start (2000 steps start it at reward 0.44-0.64, little room to rise)
+        # the 600-step warm start (2000 steps leave it little room to rise)
         c.data.toy.warm_start_steps = 600
         c.loss.clip_cov_ratio = 5e-2
         c.loss.clip_cov_lb = 1.0

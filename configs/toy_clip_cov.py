@@ -2,9 +2,7 @@
 
     python -m covjax.train --config=configs/toy_clip_cov.py --workdir=runs/toy_clip_cov
 
-The paper's r = 2e-4 touches one token of the toy's 896-token mini-batch; from r = 0.2 on
-the band decides how many are touched, so the easy variant widens the paper's [1, 5]
-(docs/toy_results.md, "Settings").
+Why not the paper's r = 2e-4 and band [1, 5]: covjax/config.py's loss section.
 """
 
 import pathlib

@@ -93,11 +93,11 @@ def _comparable(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_resume(saved: Mapping[str, Any], config: ml_collections.ConfigDict, source: str) -> None:
-    """Raises ValueError naming every key outside RESUME_MAY_CHANGE whose value differs between
-    the config a checkpointed run was started with (`saved`, read from `source`) and `config`, so
-    a reused workdir never continues one experiment under another's settings. Local paths are
-    compared resolved; keys that only one of them has (a config written by another covjax
-    version) are not compared."""
+    """Raises config.ConfigError naming every key outside RESUME_MAY_CHANGE whose value differs
+    between the config a checkpointed run was started with (`saved`, read from `source`) and
+    `config`, so a reused workdir never continues one experiment under another's settings. Local
+    paths are compared resolved; keys that only one of them has (a config written by another
+    covjax version) are not compared."""
     old = flatten(saved)
     new = flatten(json.loads(to_json(config)))  # as config.json holds it
     old_cmp, new_cmp = _comparable(old), _comparable(new)

@@ -12,9 +12,9 @@ from typing import NoReturn
 from absl import flags
 
 
-def fail(message: str) -> NoReturn:
-    """Stops the program with `message` as one line on stderr and status 1."""
-    sys.exit("FATAL Flags parsing error: " + " ".join(message.split("\n")))
+def fail(message: str, *, kind: str = "Flags parsing error") -> NoReturn:
+    """Stops the program with "FATAL <kind>: <message>" as one line on stderr and status 1."""
+    sys.exit(f"FATAL {kind}: " + " ".join(message.split("\n")))
 
 
 def parse_flags(argv: list[str]) -> list[str]:

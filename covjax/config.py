@@ -23,6 +23,7 @@ from covjax.advantages import ESTIMATORS
 from covjax.data import split_files, split_named_files
 from covjax.losses import AGG_MODES, KL_ESTIMATORS, METHODS, LossConfig
 from covjax.model.config import DTYPES, REMAT_POLICIES
+from covjax.sampler import SamplingParams
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -64,8 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout = ml_collections.ConfigDict()
     c.rollout.n = 8  # responses per prompt (the GRPO group)
     c.rollout.temperature = 1.0
-    c.rollout.top_p = 1.0
-    c.rollout.top_k = 0  # 0 = off
+    c.rollout.top_p = SamplingParams.top_p  # the sampler's defaults: no truncation
+    c.rollout.top_k = SamplingParams.top_k
     c.rollout.max_new_tokens = 7  # the toy's 6 digits + EOS
     c.rollout.max_gen_rounds = 3  # dynamic sampling: generation rounds to fill one step
 
@@ -89,8 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.advantage = ml_collections.ConfigDict()
     c.advantage.estimator = "grpo"
     # DAPO's filter of groups whose rewards all agree (on in the paper's recipe). In the toy it
-    # also keeps saturated steps from feeding AdamW all-zero gradients: without it, lr 5e-4
-    # oscillated once reward saturated (measured: reward dips to 0.42 near step 285).
+    # also keeps saturated steps from feeding AdamW all-zero gradients, on which lr 5e-4
+    # oscillates once reward saturates (docs/toy_results.md).
     c.advantage.dynamic_sampling = True
 
     # --- Optimizer: optax AdamW on fp32 master weights.
@@ -225,7 +226,7 @@ def flat_schema() -> dict[str, Any]:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the key on an unknown/missing key, a wrong type or a bad value."""
+    """Raises ConfigError naming the key on an unknown/missing key, a wrong type or a bad value."""
     schema = flat_schema()
     values = flatten(config.to_dict())
     unknown = sorted(set(values) - set(schema))

@@ -31,6 +31,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from covjax import metrics as names
 from covjax.losses import token_covariance
 
 Array = jax.Array
@@ -90,6 +91,6 @@ def entropy_check_metrics(logp: Array, advantages: Array, mask: Array, entropy_b
     entropy_before from the policy before the update, entropy_after recomputed on the same batch
     after it, eta the summed learning rates of the updates made between the two."""
     predicted = predicted_entropy_change(logp, advantages, mask, eta=eta)
-    return {"entropy_check/predicted_natural": predicted["natural"],
-            "entropy_check/predicted_vanilla": predicted["vanilla"],
-            "entropy_check/measured": measured_entropy_change(entropy_before, entropy_after, mask)}
+    return {names.CHECK_PREDICTED_NATURAL: predicted["natural"],
+            names.CHECK_PREDICTED_VANILLA: predicted["vanilla"],
+            names.CHECK_MEASURED: measured_entropy_change(entropy_before, entropy_after, mask)}

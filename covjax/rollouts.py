@@ -194,7 +194,7 @@ def _assemble_batch(kept, num_rows: int, n: int, estimator: str, metrics,
     rewards = np.concatenate([rw for _, _, rw in kept]).astype(np.float32)
     num_real = rewards.size
     # Group-local estimators: pad with reward-0 groups (advantage 0), so that one shape is
-    # compiled instead of one per number of kept groups (0.75 s each on a CPU). REINFORCE++
+    # compiled instead of one per number of kept groups (each a compilation). REINFORCE++
     # whitens over the batch, so it sees the real responses only.
     if estimator != "reinforce_pp":
         rewards = np.pad(rewards, (0, num_rows - num_real))

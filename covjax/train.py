@@ -4,7 +4,7 @@
 
 Without --config it runs configs/default.py, the embedded toy with Clip-Cov. The workdir defaults
 to runs/<config name>_<timestamp>; an existing workdir with checkpoints is resumed (with the
-config it was started with: config.check_resume names what may change). SIGTERM or SIGINT
+config it was started with: checkpointing.check_resume names what may change). SIGTERM or SIGINT
 checkpoints the step in progress and exits with status 128 + the signal.
 
 Several processes (TPU pod hosts, GPU nodes) run the same command; they join through
@@ -85,7 +85,7 @@ def main(argv: list[str]) -> None:
     try:
         trainer.train(_CONFIG.value, workdir)
     except config_lib.ConfigError as error:
-        cli.fail(str(error))
+        cli.fail(str(error), kind="bad input")
     except trainer.StoppedBySignal as stopped:
         # exit as a process killed by the signal would, so `train && eval` does not go on
         logging.warning("%s", stopped)

@@ -53,6 +53,7 @@ from covjax.rollouts import StepData, collect_rollouts, sampling_params
 from covjax.sampler import Sampler
 from covjax.tasks import Task, load_task
 from covjax.tasks import toy_warm_start as toy_ws
+from covjax.tasks.toy import get_variant
 
 # ---------------------------------------------------------------------------------------------
 # Set-up
@@ -134,8 +135,6 @@ def toy_warm_start(config, model: Transformer) -> None:
         lr=toy.warm_start_lr,
         frac_correct=toy.warm_start_frac_correct,
     )
-    from covjax.tasks.toy import get_variant
-
     cached = toy_ws.warm_start(
         model, variant=get_variant(toy.variant), seed=config.seed, ws=ws, cache_dir=toy.cache_dir
     )
@@ -418,7 +417,7 @@ def _covariance_metrics(step: int, logp: np.ndarray, advantages: np.ndarray, mas
         np.save(cov_dir / names.cov_file(step), all_cov)
     return {
         names.COV_MEAN: float(all_cov.mean()) if all_cov.size else math.nan,
-        "cov/p99": float(np.percentile(all_cov, 99)) if all_cov.size else math.nan,
+        names.COV_P99: float(np.percentile(all_cov, 99)) if all_cov.size else math.nan,
     }
 
 

@@ -7,10 +7,10 @@ variants over several seeds, tabulate each run, and check the findings the toy s
 
 `run` trains grpo, clip_higher, clip_cov and kl_cov (configs/toy_<method>.py, ":hard" for the
 non-saturating variant) one after another in subprocesses, into OUT/<variant>_<method>_s<seed>;
-every method of a seed starts from the same cached warm start (covjax.trainer). A run whose
-metrics.jsonl already holds its final record is skipped; an interrupted one resumes from its
-checkpoint. `report` reads the metrics back (covjax.analysis.runs, covjax.analysis.stats) into one
-table row per run, checks each expected finding against its threshold (evaluate_targets: per
+every method of a seed starts from the same cached warm start (covjax.tasks.toy_warm_start). A
+run whose metrics.jsonl already holds its final record is skipped; an interrupted one resumes from
+its checkpoint. `report` reads the metrics back (covjax.analysis.runs, covjax.analysis.stats) into
+one table row per run, checks each expected finding against its threshold (evaluate_targets: per
 seed, then on how many seeds each holds) and writes table.md, targets.md, rows.json and figures/
 into OUT/report (or --report_dir). notebooks/entropy_mechanism.ipynb calls the same functions;
 docs/toy_results.md holds the results.

@@ -251,7 +251,7 @@ class Block(nnx.Module):
                 "keys; sliding-window attention is not implemented"
             )
         impl = _attention_impl(c, q.dtype, decoding=kv is not None)
-        if impl == "cudnn":
+        if impl == "cudnn" and kv is None:
             out = causal_attention_even(q, k, v, mask)
         else:
             out = jax.nn.dot_product_attention(

@@ -1,2 +1,2 @@
-"""Rewards: `math` (final-answer extraction + math-verify, under a hard time limit per check) and
-`toy` (the embedded task's exact checker). Import the submodule you need."""
+"""Verifiers that read text and nothing else: `math` (final-answer extraction + math-verify,
+under a hard time limit per check). Import the submodule you need."""

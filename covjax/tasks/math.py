@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from covjax import data, evaluation
+from covjax import metrics as names
 from covjax.data import split_files, split_named_files
 from covjax.model import stop_ids
 from covjax.rewards import math as math_reward
@@ -76,6 +77,6 @@ class MathTask:
             stop_token_ids=self.stop_token_ids,
             seed=int(jax.random.randint(rng, (), 0, 2**31 - 1)),
         )
-        metrics = {f"val/{name}/accuracy": m["accuracy"] for name, m in summary["sets"].items()}
-        metrics["val/average_accuracy"] = summary["average_accuracy"]
+        metrics = {names.val_accuracy(name): m["accuracy"] for name, m in summary["sets"].items()}
+        metrics[names.VAL_AVERAGE_ACCURACY] = summary["average_accuracy"]
         return metrics
