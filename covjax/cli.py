@@ -13,8 +13,16 @@ from absl import flags
 
 
 def fail(message: str, *, kind: str = "Flags parsing error") -> NoReturn:
-    """Stops the program with "FATAL <kind>: <message>" as one line on stderr and status 1."""
-    sys.exit(f"FATAL {kind}: " + " ".join(message.split("\n")))
+    """Stops the program with "FATAL <kind>: <message>" as one line on stderr and status 1.
+
+    A message that carries a Python traceback (ml_collections puts the config file's in its
+    error) keeps its text before the traceback and the traceback's last line, the error itself.
+    """
+    head, traceback, rest = message.partition("Traceback (most recent call last):")
+    if traceback:
+        error = [line.strip() for line in rest.splitlines() if line.strip()][-1:]
+        message = " ".join([head.strip(), *error])
+    sys.exit(f"FATAL {kind}: " + " ".join(line.strip() for line in message.splitlines()))
 
 
 def parse_flags(argv: list[str]) -> list[str]:

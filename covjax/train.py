@@ -80,10 +80,15 @@ def main(argv: list[str]) -> None:
             f"--workdir is required with {jax.process_count()} processes (each would pick its "
             "own timestamped default)"
         )
+    try:  # a config file that failed to load raises when its values are first read
+        config = _CONFIG.value
+        config.to_dict()
+    except Exception as error:  # noqa: BLE001 - a config file that does not load is bad input
+        cli.fail(f"{flags.FLAGS['config'].serialize()}: {error}", kind="bad input")
     workdir = _WORKDIR.value or trainer.default_workdir(_config_name())
     logging.info("workdir: %s", workdir)
     try:
-        trainer.train(_CONFIG.value, workdir)
+        trainer.train(config, workdir)
     except config_lib.ConfigError as error:
         cli.fail(str(error), kind="bad input")
     except trainer.StoppedBySignal as stopped:

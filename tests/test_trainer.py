@@ -156,6 +156,9 @@ def test_a_reused_workdir_refuses_another_experiment(straight, tmp_path):
          "config.loss.clip_cov_ration (did you mean config.loss.clip_cov_ratio?): not a known "
          "config key"),
         ("--config.foo=1", "FATAL Flags parsing error: config.foo: not a known config key"),
+        ("--config=configs/nope.py", "FATAL bad input: --config=configs/nope.py: "),
+        ("--config=configs/toy_grpo.py:smok", "config argument 'smok': ['smok'] not among"),
+        ("--config.mesh.fsdp=16", "FATAL bad input: config.mesh: mesh data=1 x fsdp=16"),
     ],
 )
 def test_bad_config_stops_before_anything_is_written(tmp_path, flag, message):
