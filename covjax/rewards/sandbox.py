@@ -1,0 +1,369 @@
+"""A sandbox for untrusted programs: each runs in its own process under limits, isolated by
+bubblewrap where the machine allows it, and a pool runs many in parallel.
+
+A `Job` is a program (``solution.py``, plus the files its tests need) and its tests; the sandbox
+runs covjax/rewards/harness.py in a fresh interpreter, which runs each test in a forked child and
+reports its output (the sandbox compares nothing: see covjax.rewards.code). Every program gets:
+
+- its own session and process group, killed as a whole, with every process it left, when the
+  program ends or overruns; a wall-clock and a CPU-time limit per test (the harness) and per
+  program (the harness's budget, and a hard kill of the whole sandbox here);
+- rlimits on address space, processes, file size (its standard output included) and open
+  files; as root, its own uid (one per pool slot), so the process limit is its own, it cannot
+  signal or delete what is not its, and every process of that uid is killed afterwards;
+- a fresh, empty working directory, deleted afterwards; an environment holding PATH only;
+  standard input from the test; output read up to `Limits.output_bytes`.
+
+Isolation levels (`isolation_level`), stated in the log when a `Sandbox` starts:
+
+- ``bwrap``: bubblewrap (the Debian package ``bubblewrap``) unshares the network, PID, IPC and
+  UTS namespaces; the program sees a read-only system (/usr, /etc, the Python installation and
+  its virtual environment), an empty /tmp, its working directory as /sandbox, and nothing of
+  the home directory, the project or the host's /tmp. Killing the sandbox kills its PID
+  namespace.
+- ``rlimit``: without bubblewrap, the limits, the directory and (as root) the uid still hold,
+  but the program can reach the network and read whatever its uid may read; the log warns once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ISOLATION_LEVELS = ("auto", "bwrap", "rlimit")
+JOB_KINDS = ("stdin", "call", "pytest")
+MAX_WORKERS = 64
+STARTUP_S = 5.0  # the interpreter's start-up, granted beyond a program's own budget
+# As root, pool slot s of process p runs as uid UID_BASE + (p mod 10000) * MAX_WORKERS + s: far
+# above the ranges distributions give to users, and one uid per concurrent program.
+UID_BASE = 1_500_000_000
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc")
+HARNESS = Path(__file__).with_name("harness.py")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one program may use; `test_s` and `program_s` bound wall-clock and CPU time."""
+
+    test_s: float = 5.0
+    program_s: float = 30.0
+    memory_mb: int = 2048
+    processes: int = 32
+    file_mb: int = 16
+    open_files: int = 64
+    output_bytes: int = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A program and its tests. `files` (name -> text) are written into the working directory,
+    ``solution.py`` among them; `tests` are standard inputs (kind "stdin") or argument lists
+    (kind "call", of `fn_name`); kind "pytest" runs ``test_solution.py`` as one test."""
+
+    kind: str
+    files: Mapping[str, str]
+    tests: Sequence[Any] = ()
+    fn_name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TestRun:
+    """One test's run. status: ok (exited 0), error (non-zero exit, an exception), timeout
+    (a time limit), output_limit, signal (killed by another signal), budget (not run: the
+    program's budget was spent) or killed (the whole sandbox was killed or died)."""
+
+    status: str
+    output: str
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+
+
+def _bwrap_args(workdir: str) -> list[str]:
+    """bubblewrap's command line: new namespaces, a read-only system and Python, `workdir` as
+    /sandbox, nothing else of the host's files."""
+    args = [
+        "bwrap",
+        "--unshare-net",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--new-session",
+        "--die-with-parent",
+    ]
+    for d in SYSTEM_DIRS:
+        args += ["--ro-bind-try", d, d]
+    python_dirs = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    python_dirs.add(os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))
+    made = set()
+    for path in sorted(python_dirs):
+        if any(path == d or path.startswith(d + "/") for d in SYSTEM_DIRS):
+            continue
+        parents = Path(path).parents
+        for parent in reversed([str(p) for p in parents if str(p) != "/"]):
+            if parent not in made:  # bubblewrap would make them 0700, closed to the program's uid
+                args += ["--perms", "0755", "--dir", parent]
+                made.add(parent)
+        args += ["--ro-bind", path, path]
+    return args + [
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",
+        "--bind",
+        workdir,
+        "/sandbox",
+        "--chdir",
+        "/sandbox",
+    ]
+
+
+@functools.cache
+def _bwrap_works() -> str:
+    """'' when bubblewrap runs this Python in a sandbox here, else why not."""
+    if shutil.which("bwrap") is None:
+        return "bwrap is not installed"
+    with tempfile.TemporaryDirectory(prefix="covjax-bwrap-probe-") as probe:
+        try:
+            done = subprocess.run(
+                [*_bwrap_args(probe), sys.executable, "-I", "-S", "-c", "pass"],
+                capture_output=True,
+                timeout=30,
+                env=_environment(),
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"bwrap failed to start: {e}"
+    if done.returncode:
+        return f"bwrap exited with {done.returncode}: {done.stderr.decode(errors='replace')[-300:]}"
+    return ""
+
+
+@functools.cache
+def _others_can_run_python() -> bool:
+    """Whether a uid of the sandbox's range can start this Python and import from it."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", "import json"],
+            user=UID_BASE,
+            group=UID_BASE,
+            extra_groups=[],
+            capture_output=True,
+            timeout=30,
+            env=_environment(),
+            cwd="/",
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+_warned = False
+
+
+def isolation_level(requested: str = "auto") -> str:
+    """The level in force: "bwrap" when requested or "auto" and bubblewrap works, else "rlimit"
+    (warned once; ValueError when "bwrap" was requested and does not work)."""
+    global _warned
+    if requested not in ISOLATION_LEVELS:
+        raise ValueError(f"isolation={requested!r} is not one of {list(ISOLATION_LEVELS)}")
+    if requested == "rlimit":
+        return "rlimit"
+    why = _bwrap_works()
+    if not why:
+        return "bwrap"
+    if requested == "bwrap":
+        raise ValueError(f"isolation='bwrap' is not available: {why}")
+    if not _warned:
+        logging.warning(
+            "code sandbox: %s, so programs run at the rlimit level (limits, own directory%s) but "
+            "can reach the network and read the host's files; install bubblewrap "
+            "(apt-get install bubblewrap) to isolate them",
+            why,
+            ", own uid" if os.geteuid() == 0 else "",
+        )
+        _warned = True
+    return "rlimit"
+
+
+def _environment() -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", os.defpath)}
+
+
+def _session_and_uid(pid: str) -> tuple[int, int]:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rpartition(b")")[2].split()  # after "pid (comm)"
+    return int(fields[3]), os.stat(f"/proc/{pid}").st_uid
+
+
+def kill_all(session: int, uid: int | None) -> int:
+    """Kills every process of `session` and, when given, of `uid` (processes that left the
+    session); returns how many were found. Repeats until none is left."""
+    found = 0
+    for _ in range(100):
+        victims = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                sid, owner = _session_and_uid(pid)
+            except (OSError, ValueError):  # it exited meanwhile
+                continue
+            if sid == session or (uid is not None and owner == uid):
+                victims.append(int(pid))
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        found += len(victims)
+        if not victims:
+            return found
+    return found
+
+
+def _own_processes() -> int:
+    uid = os.getuid()
+    count = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            count += os.stat(f"/proc/{pid}").st_uid == uid
+        except OSError:
+            pass
+    return count
+
+
+def _remove(path: str) -> None:
+    """Deletes a working directory whatever the program did to its permissions."""
+    for root, dirs, _ in os.walk(path):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o700, follow_symlinks=False)
+    shutil.rmtree(path)
+
+
+class Sandbox:
+    """Runs `Job`s under `limits` at isolation level `isolation`, at most `workers` at once."""
+
+    def __init__(
+        self, limits: Limits = Limits(), *, workers: int | None = None, isolation: str = "auto"
+    ):
+        workers = workers or min(MAX_WORKERS, os.cpu_count() or 1)
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be in [1, {MAX_WORKERS}], got {workers}")
+        self.limits = limits
+        self.workers = workers
+        self.level = isolation_level(isolation)
+        # as root, each program runs as its own uid, which must be able to run this Python:
+        # bubblewrap shows it the installation, the rlimit level needs it readable by all
+        self.own_uid = os.geteuid() == 0 and (self.level == "bwrap" or _others_can_run_python())
+        if os.geteuid() == 0 and not self.own_uid:
+            logging.warning(
+                "code sandbox: %s is not readable by other users, so at the rlimit level "
+                "programs run as root (no process limit, full file access)",
+                sys.base_prefix,
+            )
+        self._slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for slot in range(workers):
+            self._slots.put(slot)
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, "covjax-sandbox")
+        self._harness = HARNESS.read_text(encoding="utf-8")
+        logging.info(
+            "code sandbox: isolation level %s, %s, %d workers, %s",
+            self.level,
+            "own uid per program" if self.own_uid else f"uid {os.geteuid()}",
+            workers,
+            limits,
+        )
+
+    def _uid(self, slot: int) -> int | None:
+        if not self.own_uid:
+            return None
+        return UID_BASE + (os.getpid() % 10000) * MAX_WORKERS + slot
+
+    def run_many(self, jobs: Sequence[Job]) -> list[list[TestRun]]:
+        """Each job's test runs, in order, run `workers` at a time."""
+        return list(self._pool.map(self.run, jobs))
+
+    def run(self, job: Job) -> list[TestRun]:
+        """The job's test runs (kind "pytest": one), in order."""
+        if job.kind not in JOB_KINDS:
+            raise ValueError(f"job kind {job.kind!r} is not one of {list(JOB_KINDS)}")
+        slot = self._slots.get()
+        try:
+            return self._run(job, self._uid(slot))
+        finally:
+            self._slots.put(slot)
+
+    def _run(self, job: Job, uid: int | None) -> list[TestRun]:
+        lim = self.limits
+        spec = {
+            "kind": job.kind,
+            "tests": list(job.tests),
+            "fn_name": job.fn_name,
+            "uid": uid,
+            "test_s": lim.test_s,
+            "program_s": lim.program_s,
+            "memory_bytes": lim.memory_mb << 20,
+            "processes": lim.processes,
+            "file_bytes": lim.file_mb << 20,
+            "open_files": lim.open_files,
+            "output_bytes": lim.output_bytes,
+        }
+        if uid is None:  # RLIMIT_NPROC counts every process of the uid, these included
+            spec["processes"] += _own_processes()
+        num_tests = 1 if job.kind == "pytest" else len(job.tests)
+        workdir = tempfile.mkdtemp(prefix="covjax-sandbox-")
+        private = tempfile.mkdtemp(prefix="covjax-sandbox-io-")  # never shown to the program
+        try:
+            for name, text in job.files.items():
+                Path(workdir, name).write_text(text, encoding="utf-8")
+            if uid is not None:
+                for path in [workdir, *(os.path.join(workdir, n) for n in job.files)]:
+                    os.chown(path, uid, uid)
+            Path(private, "job.json").write_text(json.dumps(spec), encoding="utf-8")
+            prefix = _bwrap_args(workdir) if self.level == "bwrap" else []
+            with (
+                open(Path(private, "job.json"), "rb") as stdin,
+                open(Path(private, "results"), "wb") as stdout,
+            ):
+                proc = subprocess.Popen(
+                    [*prefix, sys.executable, "-c", self._harness],
+                    stdin=stdin,
+                    stdout=stdout,
+                    stderr=subprocess.DEVNULL,
+                    cwd=workdir,
+                    env=_environment(),
+                    start_new_session=True,
+                )
+            try:
+                proc.wait(timeout=lim.program_s + STARTUP_S)
+            except subprocess.TimeoutExpired:
+                pass
+            finally:
+                kill_all(proc.pid, uid)
+                proc.wait()
+            lines = Path(private, "results").read_text(encoding="utf-8").splitlines()
+        finally:
+            _remove(workdir)
+            shutil.rmtree(private)
+        runs = []
+        for line in lines[:num_tests]:
+            try:
+                runs.append(TestRun(**json.loads(line)))
+            except (ValueError, TypeError):  # a line cut short when the sandbox was killed
+                break
+        return runs + [TestRun("killed", "")] * (num_tests - len(runs))
+
+    def close(self) -> None:
+        self._pool.shutdown()

@@ -1,0 +1,192 @@
+"""covjax.rewards.sandbox: hostile programs are contained at each isolation level this machine
+has (the rlimit level always, forced; bubblewrap's when it is installed), each scores 0, leaves
+no process and no file behind, and the pool keeps working."""
+
+import os
+import socket
+import tempfile
+import time
+import types
+
+import pytest
+
+from covjax.rewards import code, sandbox
+from covjax.rewards.sandbox import Job, Limits, Sandbox
+from tests.helpers import REPO
+
+LEVELS = ["rlimit"] + ([] if sandbox._bwrap_works() else ["bwrap"])
+LIMITS = Limits(
+    test_s=1.0, program_s=3.0, memory_mb=1024, processes=16, file_mb=4, output_bytes=1 << 16
+)
+TRUTH = '{"inputs": ["1\\n"], "outputs": ["42\\n"]}'  # no hostile program prints 42
+MARKER = b"The test runner that covjax.rewards.sandbox starts"  # in the harness's command line
+
+
+def _harness_processes() -> list[int]:
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if MARKER in f.read():
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.fixture(scope="module", params=LEVELS)
+def box(request):
+    box = Sandbox(LIMITS, workers=2, isolation=request.param)
+    yield box
+    box.close()
+
+
+@pytest.fixture(scope="module")
+def hostile(box, tmp_path_factory):
+    """Every hostile program run once, in parallel: {name: (reward, runs, seconds)} and what the
+    test set up for them."""
+    tmp = tmp_path_factory.mktemp(f"hostile_{box.level}")
+    secret = tmp / "secret.txt"
+    secret.write_text("host secret")
+    secret.chmod(0o600)
+    victim = tmp / "victim.txt"
+    victim.write_text("keep me")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))  # loopback only
+    listener.listen(1)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    programs = {
+        "infinite_loop": "while True:\n    pass",
+        "fork_bomb": (
+            "import os, time\nn = 0\nfor _ in range(300):\n    try:\n        pid = os.fork()\n"
+            "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(100)\n"
+            "        os._exit(0)\n    n += 1\nprint('forked', n)"
+        ),
+        "memory_8gb": "x = bytearray(8 << 30)\nprint(len(x))",
+        "file_10gb": (
+            "with open('big', 'wb') as f:\n    for _ in range(10 << 10):\n"
+            "        f.write(b'0' * (1 << 20))"
+        ),
+        "print_1gb": "import sys\nfor _ in range(1 << 10):\n    sys.stdout.write('x' * (1 << 20))",
+        "loopback": (
+            f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), 1)\n"
+            "    print('connected')\nexcept OSError as e:\n    print('refused', e)"
+        ),
+        "read_files": (
+            "import os\nfor p in ["
+            + repr(str(secret))
+            + ", "
+            + repr(str(REPO / "README.md"))
+            + ", os.path.expanduser('~/.ssh')]:\n    try:\n"
+            "        print(p, 'read', len(open(p).read())"
+            " if os.path.isfile(p) else os.listdir(p))\n"
+            "    except OSError as e:\n        print(p, 'denied', type(e).__name__)"
+        ),
+        "delete_outside": (
+            f"import os\ntry:\n    os.remove({str(victim)!r})\n    print('deleted')\n"
+            "except OSError as e:\n    print('denied', type(e).__name__)"
+        ),
+        "kill_parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
+        "signal_host": (
+            f"import os\ntry:\n    os.kill({os.getpid()}, 0)\n    print('allowed')\n"
+            "except OSError as e:\n    print('denied', type(e).__name__)"
+        ),
+        "os_system": "import os\nos.system('echo from-shell; sleep 100 &')",
+        "close_stdout": "import os\nos.close(1)\nprint(42)",
+        "ignore_stdin": "print(41)",
+    }
+    names = list(programs)
+    t0 = time.monotonic()
+    jobs = [
+        code.make_job(f"```python\n{programs[n]}\n```", code.parse_ground_truth(TRUTH))
+        for n in names
+    ]
+    jobs[names.index("ignore_stdin")] = Job(
+        "stdin", jobs[0].files | {"solution.py": programs["ignore_stdin"]}, ["9\n" * (1 << 20)]
+    )  # a 2 MB input unread
+    runs = box.run_many(jobs)
+    elapsed = time.monotonic() - t0
+    try:
+        accepted = listener.accept()[0]
+        accepted.close()
+    except BlockingIOError:
+        accepted = None
+    listener.close()
+    spec = code.parse_ground_truth(TRUTH)
+    results = {n: (code.fraction_passed(r, spec), r) for n, r in zip(names, runs, strict=True)}
+    return types.SimpleNamespace(
+        results=results,
+        elapsed=elapsed,
+        secret=secret,
+        victim=victim,
+        accepted=accepted is not None,
+    )
+
+
+def test_every_hostile_program_scores_zero_within_its_limits(box, hostile):
+    assert all(score == 0.0 for score, _ in hostile.results.values()), hostile.results
+    # 13 programs on 2 workers, each at most its 3 s budget + start-up
+    assert hostile.elapsed < 7 * (LIMITS.program_s + sandbox.STARTUP_S)
+    status = {n: r[0].status for n, (_, r) in hostile.results.items()}
+    assert status["infinite_loop"] == "timeout"
+    assert hostile.results["infinite_loop"][1][0].wall_s < LIMITS.test_s + 0.5
+    assert status["memory_8gb"] == "error"  # MemoryError under RLIMIT_AS
+    assert status["file_10gb"] == "output_limit"  # SIGXFSZ at the file-size limit
+    assert status["print_1gb"] == "output_limit"
+    assert status["close_stdout"] == "error"
+    assert status["kill_parent"] == "killed"  # it killed the harness, the test is lost
+    assert hostile.results["ignore_stdin"][1][0].output == "41\n"
+    assert "from-shell" in hostile.results["os_system"][1][0].output
+
+
+def test_fork_bomb_is_bounded_where_the_process_limit_applies(box, hostile):
+    run = hostile.results["fork_bomb"][1][0]
+    if box.own_uid or os.geteuid() != 0:  # RLIMIT_NPROC does not bind root
+        forked = int(run.output.split()[1])
+        assert forked < LIMITS.processes, run
+    else:
+        assert run.output.startswith("forked"), run
+
+
+def test_no_process_or_file_is_left(box, hostile):
+    assert _harness_processes() == []
+    leftovers = [p for p in os.listdir(tempfile.gettempdir()) if p.startswith("covjax-sandbox-")]
+    assert leftovers == []
+
+
+def test_network_and_host_files_by_level(box, hostile):
+    net = hostile.results["loopback"][1][0].output
+    files = hostile.results["read_files"][1][0].output.splitlines()
+    deleted = hostile.results["delete_outside"][1][0].output
+    signalled = hostile.results["signal_host"][1][0].output
+    if box.level == "bwrap":  # no network, no host files, no host processes
+        assert net.startswith("refused") and not hostile.accepted
+        assert all("denied" in line for line in files), files
+        assert deleted.startswith("denied") and hostile.victim.exists()
+        assert signalled.startswith("denied ProcessLookupError")
+        return
+    assert net == "connected\n" and hostile.accepted  # the rlimit level leaves the network
+    assert "read" in files[1]  # ... and world-readable files such as the project's
+    if box.own_uid:  # its own uid reads no private file, deletes nothing, signals no one
+        assert "denied" in files[0]
+        assert deleted.startswith("denied") and hostile.victim.exists()
+        assert signalled.startswith("denied PermissionError")
+    else:  # as root, nothing stops it: the log said so at start-up
+        assert "read" in files[0]
+        assert deleted == "deleted\n" and not hostile.victim.exists()
+        assert signalled == "allowed\n"
+
+
+def test_the_pool_keeps_working_and_scores(box, hostile):
+    truths = [TRUTH, '{"inputs": [[2, 3]], "outputs": [5], "fn_name": "add"}']
+    responses = ["```python\nprint(int(input()) * 42)\n```", "def add(a, b):\n    return a + b"]
+    rewards, fractions = code.score_batch(responses * 2, truths * 2, box)
+    assert rewards.tolist() == [1.0] * 4 and fractions.tolist() == [1.0] * 4
+
+
+def test_bad_isolation_and_workers():
+    with pytest.raises(ValueError, match="isolation='none'"):
+        sandbox.isolation_level("none")
+    with pytest.raises(ValueError, match="workers"):
+        Sandbox(workers=sandbox.MAX_WORKERS + 1, isolation="rlimit")
