@@ -23,6 +23,7 @@ from covjax.advantages import ESTIMATORS
 from covjax.data import split_files, split_named_files
 from covjax.losses import AGG_MODES, KL_ESTIMATORS, METHODS, LossConfig
 from covjax.model.config import DTYPES, REMAT_POLICIES
+from covjax.rewards.sandbox import ISOLATION_LEVELS, MAX_WORKERS
 from covjax.sampler import SamplingParams
 
 
@@ -41,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"
     c.model.scan_layers = False
 
-    # --- Data: "toy" (covjax/tasks/toy.py) or "math" (local parquet/jsonl files).
+    # --- Data: "toy" (covjax/tasks/toy.py), "math" or "code" (local parquet/jsonl files).
     c.data = ml_collections.ConfigDict()
     c.data.task = "toy"
     c.data.train_files = ""  # comma-separated local files (math)
@@ -49,6 +50,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.schema = "auto"  # record layout of the data files, see covjax/data.py
     c.data.max_prompt_length = 2  # tokens; longer prompts are dropped by the loader
     c.data.prompt_suffix = ""  # instruction after each question; "" = covjax.data's default
+    # The code task's sandbox (covjax.rewards.sandbox): limits per test and per program.
+    c.data.code = ml_collections.ConfigDict()
+    c.data.code.workers = 0  # programs run at once; 0 = one per core
+    c.data.code.test_s = 5.0  # wall-clock and CPU seconds per test
+    c.data.code.program_s = 30.0  # ... per program, all its tests together
+    c.data.code.memory_mb = 2048  # address space
+    c.data.code.isolation = "auto"  # bubblewrap when installed, else "rlimit" (warned)
     c.data.toy = ml_collections.ConfigDict()
     c.data.toy.variant = "easy"  # "easy" saturates, "hard" shows the entropy-reward law
     # The supervised warm start (covjax.tasks.toy_warm_start): 2000 steps give the easy variant
@@ -154,7 +162,12 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.param_dtype": _choice(DTYPES),
     "model.compute_dtype": _choice(DTYPES),
     "model.remat": _choice(REMAT_POLICIES),
-    "data.task": _choice(("toy", "math")),
+    "data.task": _choice(("toy", "math", "code")),
+    "data.code.workers": _interval(0, MAX_WORKERS),
+    "data.code.test_s": _POSITIVE,
+    "data.code.program_s": _POSITIVE,
+    "data.code.memory_mb": _AT_LEAST_ONE,
+    "data.code.isolation": _choice(ISOLATION_LEVELS),
     "data.max_prompt_length": _AT_LEAST_ONE,
     "data.toy.variant": _choice(("easy", "hard")),
     "data.toy.warm_start_steps": _NON_NEGATIVE,

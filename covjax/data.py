@@ -10,6 +10,16 @@ when `schema` is "auto" or None, else named):
   or ``question`` plus ``answer``; the instruction suffix is appended to the user message.
 - ``generic``: ``prompt`` (a string) plus ``answer``; the instruction suffix is appended.
 
+The code task (``task="code"``) reads two layouts; its ground truths are the JSON test specs of
+covjax.rewards.code, checked here:
+
+- ``prime_code`` (verl/PRIME, Eurus-2-RL-Code): ``prompt`` chat messages that hold the
+  instruction, ``reward_model.ground_truth`` a JSON string of ``inputs``/``outputs`` (and
+  ``fn_name`` for call-based problems);
+- ``kodcode`` (KodCode): ``question``, ``test`` (pytest source importing ``solution``) and
+  ``test_info`` (its ``function_declaration``s are named in the prompt); the instruction suffix
+  is appended.
+
 Malformed rows (a missing field, an empty answer, a wrong type) are skipped, counted and reported
 with the first one's row number; prompts longer than `max_prompt_length` tokens are dropped and
 counted. `PromptLoader` yields batches in a per-epoch permutation drawn from a seed; its
@@ -19,6 +29,7 @@ counted. `PromptLoader` yields batches in a per-epoch permutation drawn from a s
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import numbers
@@ -32,6 +43,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+CODE_INSTRUCTION = "Write a Python solution and put the code in a single ```python code block."
+DEFAULT_INSTRUCTIONS = {"math": DEFAULT_INSTRUCTION, "code": CODE_INSTRUCTION}
+TASK_SCHEMAS = {"math": ("dapo", "problem", "generic"), "code": ("prime_code", "kodcode")}
 SCHEMA_ALIASES = {
     "dapo": "dapo",
     "problem": "problem",
@@ -41,6 +55,9 @@ SCHEMA_ALIASES = {
     "minerva": "problem",
     "olympiad": "problem",
     "generic": "generic",
+    "prime_code": "prime_code",
+    "eurus_code": "prime_code",
+    "kodcode": "kodcode",
 }
 _FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 _FEATURES = datasets.Features(
@@ -76,8 +93,12 @@ class _Malformed(ValueError):
     """A row that cannot be used; the message names the field."""
 
 
-def detect_schema(columns: list[str]) -> str | None:
-    """The schema a file's columns fit, or None."""
+def detect_schema(columns: list[str], task: str = "math") -> str | None:
+    """The schema of `task` a file's columns fit, or None."""
+    if task == "code":
+        if {"prompt", "reward_model"} <= set(columns):
+            return "prime_code"
+        return "kodcode" if {"question", "test"} <= set(columns) else None
     if {"prompt", "reward_model"} <= set(columns):
         return "dapo"
     if "answer" in columns and ("problem" in columns or "question" in columns):
@@ -113,9 +134,43 @@ def _user_turn(text: str, instruction: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"{text}\n{instruction}" if instruction else text}]
 
 
+def _code_tests(spec: str, field: str) -> str:
+    """A code ground truth (covjax.rewards.code's JSON test spec), checked."""
+    from covjax.rewards.code import parse_ground_truth
+
+    try:
+        parse_ground_truth(_text(spec, field))
+    except ValueError as e:
+        raise _Malformed(f"field {field!r} {e}") from e
+    return spec
+
+
+def _kodcode(row: dict[str, Any], instruction: str) -> tuple[list[dict], str]:
+    """KodCode's question, its function declarations named, and its pytest source."""
+    question = _text(row.get("question"), "question")
+    info = row.get("test_info") or []
+    if not isinstance(info, list) or not all(isinstance(i, dict) for i in info):
+        raise _Malformed("field 'test_info' is not a list of mappings")
+    declarations = [
+        i["function_declaration"].strip()
+        for i in info
+        if isinstance(i.get("function_declaration"), str)
+    ]
+    if declarations:
+        question += (
+            "\n\nNote that the function declaration is "
+            + "; ".join(f"`{d}`" for d in declarations)
+            + "."
+        )
+    tests = _code_tests(json.dumps({"pytest": _text(row.get("test"), "test")}), "test")
+    return _user_turn(question, instruction), tests
+
+
 def _adapt(row: dict[str, Any], schema: str, instruction: str) -> tuple[list[dict], str]:
     """(chat messages, ground truth) of one row; raises _Malformed naming the bad field."""
-    if schema == "dapo":
+    if schema == "kodcode":
+        return _kodcode(row, instruction)
+    if schema in ("dapo", "prime_code"):
         messages = row.get("prompt")
         if not isinstance(messages, list) or not messages:
             raise _Malformed("field 'prompt' is not a non-empty list of chat messages")
@@ -126,7 +181,9 @@ def _adapt(row: dict[str, Any], schema: str, instruction: str) -> tuple[list[dic
         reward_model = row.get("reward_model")
         if not isinstance(reward_model, dict):
             raise _Malformed("field 'reward_model' is missing or not a mapping")
-        answer = _answer(reward_model.get("ground_truth"), "reward_model.ground_truth")
+        field = "reward_model.ground_truth"
+        truth = reward_model.get("ground_truth")
+        answer = _code_tests(truth, field) if schema == "prime_code" else _answer(truth, field)
         return [{"role": m["role"], "content": m["content"]} for m in messages], answer
     if schema == "problem":
         field = "question" if row.get("problem") is None and "question" in row else "problem"
@@ -186,11 +243,13 @@ def load_prompts(
     *,
     schema: str | None = "auto",
     max_prompt_length: int = 2048,
-    instruction: str = DEFAULT_INSTRUCTION,
+    instruction: str | None = None,
+    task: str = "math",
     max_malformed_frac: float = 0.1,
     num_proc: int | None = None,
 ) -> PromptDataset:
-    """Load, adapt, render and tokenise the prompts of one local parquet or jsonl file.
+    """Load, adapt, render and tokenise the prompts of one local parquet or jsonl file of `task`
+    ("math" or "code"); `instruction` defaults to the task's (DEFAULT_INSTRUCTIONS).
 
     Raises FileNotFoundError for a missing file; ValueError naming the file for an unknown format
     or schema, a file that does not parse, no rows, more than `max_malformed_frac` malformed rows,
@@ -220,17 +279,24 @@ def load_prompts(
         cause = f" ({e.__cause__})" if e.__cause__ else ""
         raise ValueError(f"data file {path}: cannot be read as {fmt}: {e}{cause}") from e
     if schema in (None, "auto"):
-        schema = detect_schema(raw.column_names)
+        schema = detect_schema(raw.column_names, task)
         if schema is None:
-            raise ValueError(
-                f"data file {path}: unknown schema, columns {raw.column_names}; expected "
-                "prompt+reward_model (dapo), problem|question+answer, or prompt+answer"
+            expected = (
+                "prompt+reward_model (prime_code) or question+test (kodcode)"
+                if task == "code"
+                else "prompt+reward_model (dapo), problem|question+answer, or prompt+answer"
             )
-    elif schema not in SCHEMA_ALIASES:
+            raise ValueError(
+                f"data file {path}: unknown schema, columns {raw.column_names}; expected {expected}"
+            )
+    elif SCHEMA_ALIASES.get(schema) not in TASK_SCHEMAS[task]:
         raise ValueError(
-            f"data file {path}: unknown schema {schema!r}, expected one of {sorted(SCHEMA_ALIASES)}"
+            f"data file {path}: unknown schema {schema!r} for the {task} task, expected one of "
+            f"{sorted(k for k, v in SCHEMA_ALIASES.items() if v in TASK_SCHEMAS[task])}"
         )
     schema = SCHEMA_ALIASES[schema]
+    if instruction is None:
+        instruction = DEFAULT_INSTRUCTIONS[task]
     if len(raw) == 0:
         raise ValueError(f"data file {path}: no rows")
 

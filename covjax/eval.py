@@ -1,7 +1,13 @@
-"""Entry point: evaluation of a model on local math sets (covjax.evaluation), printed as a table.
+"""Entry point: evaluation of a model on local math or code sets (covjax.evaluation), printed as
+a table.
 
     python -m covjax.eval --model=HF_DIR --data=math500=math500.jsonl,aime24=aime24.parquet
     python -m covjax.eval --checkpoint=WORKDIR --data=...
+    python -m covjax.eval --task=code --model=HF_DIR --data=kodcode=kodcode_test.parquet
+
+--task=code scores by running each response's program on its tests in the sandbox
+(covjax.rewards.sandbox, --num_workers programs at once, the default limits of config.data.code):
+accuracy is pass@1 for greedy sets, avg@k for sampled ones.
 
 Greedy decoding, except for sets named like AIME or AMC: --samples_k responses per prompt (32,
 the paper's avg@32) at --temperature 0.6, reported as avg@k and pass@k. Prints a table, writes
@@ -10,7 +16,7 @@ OUTPUT_DIR/results.json and OUTPUT_DIR/responses.jsonl (every response with its 
 --checkpoint=WORKDIR reads the Hugging Face folder the trainer saves: WORKDIR/hf_final, else the
 WORKDIR/hf_step_<step> with the largest step; it must hold the tokenizer files too. The flags
 it does not set take the trainer's evaluation settings from WORKDIR/config.json (response budget,
-compute dtype, prompt limit, instruction, schema), so the numbers match its val/* metrics.
+compute dtype, prompt limit, instruction, schema, task), so the numbers match its val/* metrics.
 
 A bad flag value (a missing folder or file, a malformed --data entry, a number out of range, an
 unknown flag) stops it with one line naming the flag and the value, before the model is loaded.
@@ -26,7 +32,7 @@ from typing import Any
 from absl import app, flags
 
 from covjax import cli, evaluation
-from covjax.data import DEFAULT_INSTRUCTION, SCHEMA_ALIASES, load_prompts, split_named_files
+from covjax.data import SCHEMA_ALIASES, TASK_SCHEMAS, load_prompts, split_named_files
 from covjax.model import check_pretrained, from_pretrained, load_tokenizer, stop_ids
 from covjax.model.config import DTYPES
 from covjax.rewards.math import DEFAULT_TIMEOUT_S
@@ -38,7 +44,9 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer folder (default: th
 _DATA = flags.DEFINE_string("data", "", "Comma-separated name=path of local parquet/jsonl sets.")
 _SCHEMA = flags.DEFINE_enum("schema", "auto", ["auto", *SCHEMA_ALIASES],
                             "Row schema of the data files (covjax/data.py).")
-_INSTRUCTION = flags.DEFINE_string("instruction", DEFAULT_INSTRUCTION, "Suffix of each question.")
+_TASK = flags.DEFINE_enum("task", "math", list(TASK_SCHEMAS), "What the sets hold.")
+_INSTRUCTION = flags.DEFINE_string("instruction", None,
+                                   "Suffix of each question (default: the task's, covjax/data.py).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "",
                                   "Default: WORKDIR/eval/<folder> or ./eval/<folder>.")
 _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", DTYPES,
@@ -57,7 +65,8 @@ _TEMPERATURE = flags.DEFINE_float("temperature", evaluation.SAMPLED_TEMPERATURE,
                                   lower_bound=0.0)
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling of AIME/AMC-like sets.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", None, "math-verify worker processes.",
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", None,
+                                    "math-verify worker processes, or programs run at once.",
                                     lower_bound=1)
 _TIMEOUT_S = flags.DEFINE_float("timeout_s", DEFAULT_TIMEOUT_S,
                                 "Time limit of one answer check (s).")
@@ -135,9 +144,18 @@ def main(argv: Sequence[str]) -> None:
         try:
             datasets[name] = load_prompts(path, tokenizer, schema=_SCHEMA.value,
                                           max_prompt_length=_MAX_PROMPT_LENGTH.value,
-                                          instruction=_INSTRUCTION.value)
+                                          instruction=_INSTRUCTION.value, task=_TASK.value)
         except (OSError, ValueError) as e:
             cli.fail(f"--data={name}={path}: {e}")
+    score_fn = None
+    if _TASK.value == "code":
+        from covjax import config as config_lib
+        from covjax.tasks.code import eval_scorer, make_sandbox
+
+        code_config = config_lib.base_config().data.code
+        code_config.workers = _NUM_WORKERS.value or 0
+        score_fn = eval_scorer(make_sandbox(code_config))
+
     model = from_pretrained(model_dir, compute_dtype=_COMPUTE_DTYPE.value)
     summary = evaluation.evaluate(
         model,
@@ -153,6 +171,7 @@ def main(argv: Sequence[str]) -> None:
         num_workers=_NUM_WORKERS.value,
         timeout_s=_TIMEOUT_S.value,
         output_dir=output_dir,
+        score_fn=score_fn,
     )
     print(f"model {model_dir}")
     print(evaluation.format_table(summary))

@@ -16,7 +16,7 @@ import json
 import numbers
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -90,12 +90,15 @@ def evaluate(
     num_workers: int | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     output_dir: str | None = None,
+    score_fn: Callable[[list[str], list[str]], Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """Evaluates `model` on each named set; returns {"sets": {name: metrics}, "average_accuracy"}.
 
     `batch_size` is the number of responses per `generate` call; `stop_token_ids` defaults to
     the tokenizer's EOS; `sampler` defaults to an unsharded `Sampler` of `model` (the trainer
     passes its own). With `output_dir`, writes results.json and responses.jsonl there.
+    `score_fn(responses, ground_truths)` gives the rewards (the code task's runs the programs);
+    by default, covjax.rewards.math with `num_workers` and `timeout_s`.
     """
     if not datasets:
         raise ValueError("datasets is empty: give at least one name -> PromptDataset")
@@ -127,7 +130,11 @@ def evaluate(
             rng=jax.random.fold_in(key, set_index),
         )
         truths = [t for t in ds.examples["ground_truth"] for _ in range(k)]
-        scores = score_batch(texts, truths, num_workers=num_workers, timeout_s=timeout_s)
+        scores = (
+            score_fn(texts, truths)
+            if score_fn
+            else score_batch(texts, truths, num_workers=num_workers, timeout_s=timeout_s)
+        )
         results[name] = {
             **set_metrics(
                 np.reshape(scores, (-1, k)),
@@ -203,8 +210,8 @@ def resolve_checkpoint(workdir: str) -> str:
 
 
 def training_eval_settings(workdir: str) -> dict[str, Any]:
-    """The evaluation settings of a trainer workdir's math run (its config.json): what its val/*
-    metrics were measured with, keyed by the names of the eval command line's flags (also the
+    """The evaluation settings of a trainer workdir's math or code run (its config.json): what its
+    val/* metrics were measured with, keyed by the names of the eval command line's flags (also the
     keywords of evaluate, covjax.data.load_prompts and covjax.model.from_pretrained). {} for a
     toy run or a folder without config.json; ValueError naming the file if it is not JSON."""
     path = os.path.join(workdir, "config.json")
@@ -216,9 +223,10 @@ def training_eval_settings(workdir: str) -> dict[str, Any]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not JSON ({e})") from e
     try:
-        if config["data"]["task"] != "math":
+        if config["data"]["task"] not in ("math", "code"):
             return {}
         settings = {
+            "task": config["data"]["task"],
             "max_new_tokens": config["rollout"]["max_new_tokens"],
             "compute_dtype": config["model"]["compute_dtype"],
             "max_prompt_length": config["data"]["max_prompt_length"],

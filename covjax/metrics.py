@@ -32,6 +32,7 @@ COV_FILE_RE = re.compile(r"^step_(\d+)\.npy$")  # matches COV_FILE's names; grou
 REWARD_MEAN = "reward/mean"
 ACCURACY_MEAN = "accuracy/mean"  # fraction of responses with reward > 0.5
 RESPONSE_LENGTH_MEAN = "response_length/mean"
+CODE_PASS_FRAC = "reward/code_pass_frac"  # code task: mean fraction of a program's tests passed
 # Dynamic sampling: kept_group_frac == 0 marks a step where every group's rewards agreed.
 FILTER_KEPT_GROUP_FRAC = "filter/kept_group_frac"
 FILTER_GEN_ROUNDS = "filter/gen_rounds"

@@ -128,6 +128,7 @@ def collect_rollouts(task: Task, sampler: Sampler, config, rng: jax.Array) -> St
                     names.RESPONSE_LENGTH_MEAN: float(rollout.lengths.mean()),
                     "response_length/max": float(rollout.lengths.max()),
                     "response_length/frac_truncated": float((~rollout.stopped).mean()),
+                    **task.score_metrics(),  # of this process's slice (score_split)
                 }
             )
         informative = np.asarray(advantages_lib.group_filter(rewards, rollout.group_ids))

@@ -119,9 +119,8 @@ def run(files):
 
 
 def test_flags_left_unset_take_the_trainers_settings(run):
-    assert "(the trainer's evaluation): --compute_dtype='float32', --schema='auto'\n" in (
-        run["stdout"]  # the others were given, so they win
-    )
+    taken = "--task='math', --compute_dtype='float32', --schema='auto'"
+    assert f"(the trainer's evaluation): {taken}\n" in run["stdout"]  # the others were given
 
 
 def test_records_and_scores(run):

@@ -67,8 +67,8 @@ def test_training_eval_settings(tmp_path):
     recipe.data.prompt_suffix = "Box it."
     (tmp_path / "config.json").write_text(config_lib.to_json(recipe))
     assert evaluation.training_eval_settings(str(tmp_path)) == {
-        "max_new_tokens": 8192, "compute_dtype": "bfloat16", "max_prompt_length": 2048,
-        "schema": "auto", "instruction": "Box it."}
+        "task": "math", "max_new_tokens": 8192, "compute_dtype": "bfloat16",
+        "max_prompt_length": 2048, "schema": "auto", "instruction": "Box it."}
     (tmp_path / "config.json").write_text(config_lib.to_json(recipes().toy_config("grpo")))
     assert evaluation.training_eval_settings(str(tmp_path)) == {}  # the toy has no math sets
     (tmp_path / "config.json").write_text(json.dumps({"model": "elsewhere"}))

@@ -43,6 +43,9 @@ class _FakeTask:
     def score(self, rollout, truths):
         return np.asarray(self.rounds[self.calls - 1], np.float32)
 
+    def score_metrics(self):
+        return {}
+
 
 def _collect(rounds, dynamic=True, max_rounds=3):
     config = recipes().toy_config("clip_cov")

@@ -87,6 +87,7 @@ class _Counter:
 
 
 def _pytest(test_s: float, out_fd: int) -> None:
+    os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # the installed plugins cost seconds
     import pytest
 
     counter = _Counter(test_s)

@@ -29,6 +29,9 @@ class Task(Protocol):
     def score(self, rollout: Rollout, truths: Sequence) -> np.ndarray:
         """Rewards [N] float32; row i answers prompt rollout.group_ids[i]."""
 
+    def score_metrics(self) -> dict[str, float]:
+        """Metrics of the last `score` call beside the rewards (the code task's pass fraction)."""
+
     def evaluate(self, sampler: Sampler, rng: jax.Array, params: SamplingParams
                  ) -> dict[str, float]:
         """val/* metrics of the current policy."""
@@ -48,7 +51,9 @@ def load_task(config) -> Task:
 
         return ToyTask(config.data.toy.variant, config.seed, config.data.toy.eval_samples)
     from covjax.model import load_tokenizer
+    from covjax.tasks.code import CodeTask
     from covjax.tasks.math import MathTask
 
     m = config.model
-    return MathTask(config, load_tokenizer(os.path.expanduser(m.tokenizer_path or m.path)))
+    task = CodeTask if config.data.task == "code" else MathTask
+    return task(config, load_tokenizer(os.path.expanduser(m.tokenizer_path or m.path)))

@@ -20,11 +20,15 @@ from covjax.sampler import Rollout, Sampler, SamplingParams, decode_responses
 class MathTask:
     """The math task as a covjax.tasks.Task over data.train_files and data.eval_files."""
 
+    TASK = "math"  # the schemas and default instruction of covjax.data.load_prompts
+    eval_score = None  # covjax.evaluation's default scoring: math-verify
+
     def __init__(self, config, tokenizer):
         self.tokenizer = tokenizer
         kwargs = dict(
             schema=None if config.data.schema == "auto" else config.data.schema,
             max_prompt_length=config.data.max_prompt_length,
+            task=self.TASK,
         )
         if config.data.prompt_suffix:
             kwargs["instruction"] = config.data.prompt_suffix
@@ -56,6 +60,9 @@ class MathTask:
             math_reward.score_batch(responses, [truths[g] for g in rollout.group_ids]), np.float32
         )
 
+    def score_metrics(self) -> dict[str, float]:
+        return {}
+
     def state(self) -> dict[str, int]:
         return self.loader.state()
 
@@ -76,6 +83,7 @@ class MathTask:
             max_new_tokens=params.max_new_tokens,
             stop_token_ids=self.stop_token_ids,
             seed=int(jax.random.randint(rng, (), 0, 2**31 - 1)),
+            score_fn=self.eval_score,
         )
         metrics = {names.val_accuracy(name): m["accuracy"] for name, m in summary["sets"].items()}
         metrics[names.VAL_AVERAGE_ACCURACY] = summary["average_accuracy"]

@@ -226,6 +226,9 @@ class ToyTask:
     def score(self, rollout: Rollout, truths: Sequence[int]) -> np.ndarray:
         return score_rollout(rollout, truths, self.variant)
 
+    def score_metrics(self) -> dict[str, float]:
+        return {}
+
     def state(self) -> dict[str, int]:
         return {"position": self.position}
 
