@@ -15,10 +15,12 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 TOY = ["default", "toy_grpo", "toy_clip_higher", "toy_clip_cov", "toy_kl_cov"]
 RECIPES = [f"qwen2_5_{s}_{m}" for s in ("7b", "32b")
            for m in ("grpo", "clip_higher", "clip_cov", "kl_cov")]
+CODE = ["qwen2_5_7b_code_clip_cov"]
 
 
 def test_every_config_file_is_listed():
-    assert sorted(p.stem for p in CONFIGS.glob("*.py")) == sorted(TOY + RECIPES + ["recipes"])
+    listed = TOY + RECIPES + CODE + ["recipes"]
+    assert sorted(p.stem for p in CONFIGS.glob("*.py")) == sorted(listed)
     assert "get_config" not in vars(recipes())  # the recipes' module is not a config file
 
 
@@ -66,7 +68,7 @@ def _with_inputs(c, tmp_path):
     return c
 
 
-@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("name", RECIPES + CODE)
 def test_recipes_need_model_and_data(name, tmp_path):
     c = load(name)
     with pytest.raises(ValueError, match="config.model.path is empty"):
@@ -80,6 +82,13 @@ def test_recipes_need_model_and_data(name, tmp_path):
         config_lib.validate(c)
     config_lib.validate(_with_inputs(c, tmp_path))
     config_lib.validate(_with_inputs(load(name, "smoke"), tmp_path))
+
+
+def test_the_code_recipe_is_clip_cov_on_code():
+    code, math = load(CODE[0]), load("qwen2_5_7b_clip_cov")
+    assert code.data.task == "code"
+    code.data.task = "math"
+    assert code == math
 
 
 @pytest.mark.parametrize("name", RECIPES)
