@@ -104,16 +104,17 @@ def _child(job: dict, test, cpu_s: int, result_fd: int) -> None:
         _limit(resource.RLIMIT_FSIZE, job["file_bytes"])
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it: report the limit
         os.close(result_fd)
-        with open("input.txt", "w") as f:
+        with open("input.txt", "w", encoding="utf-8") as f:
             f.write(test if job["kind"] == "stdin" else "")
         stdin = os.open("input.txt", os.O_RDONLY)
         output = os.open("output.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         program_out = output if job["kind"] == "stdin" else os.open(os.devnull, os.O_WRONLY)
         for fd, target in ((stdin, 0), (program_out, 1), (os.open(os.devnull, os.O_WRONLY), 2)):
             os.dup2(fd, target)
-        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
-        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
-        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
+        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+        for name, fd in (("stdout", 1), ("stderr", 2)):
+            stream = io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8")
+            setattr(sys, name, stream)
         sys.argv = ["solution.py"]
         if job["kind"] == "stdin":
             runpy.run_path("solution.py", run_name="__main__")
@@ -127,10 +128,11 @@ def _child(job: dict, test, cpu_s: int, result_fd: int) -> None:
     except BaseException:
         code = 1
     finally:
-        try:
+        try:  # what the program printed last; an error here (it closed fd 1) fails the test
             sys.stdout.flush()
-        finally:
-            os._exit(code)
+        except BaseException:
+            code = 1
+        os._exit(code)
 
 
 def _wait(pid: int, wall_s: float) -> tuple[int, bool, float]:
