@@ -2,7 +2,9 @@
 has (the rlimit level always, forced; bubblewrap's when it is installed), each scores 0, leaves
 no process and no file behind, and the pool keeps working."""
 
+import json
 import os
+import pathlib
 import socket
 import tempfile
 import time
@@ -11,7 +13,7 @@ import types
 import pytest
 
 from covjax.rewards import code, sandbox
-from covjax.rewards.sandbox import Job, Limits, Sandbox
+from covjax.rewards.sandbox import Limits, Sandbox
 from tests.helpers import REPO
 
 LEVELS = ["rlimit"] + ([] if sandbox._bwrap_works() else ["bwrap"])
@@ -78,7 +80,7 @@ def hostile(box, tmp_path_factory):
             + repr(str(secret))
             + ", "
             + repr(str(REPO / "README.md"))
-            + ", os.path.expanduser('~/.ssh')]:\n    try:\n"
+            + f", {str(pathlib.Path.home() / '.ssh')!r}]:\n    try:\n"
             "        print(p, 'read', len(open(p).read())"
             " if os.path.isfile(p) else os.listdir(p))\n"
             "    except OSError as e:\n        print(p, 'denied', type(e).__name__)"
@@ -97,15 +99,11 @@ def hostile(box, tmp_path_factory):
         "ignore_stdin": "print(41)",
     }
     names = list(programs)
+    specs = {n: code.parse_ground_truth(TRUTH) for n in names}
+    specs["ignore_stdin"] = {"inputs": ["9\n" * (1 << 20)], "outputs": ["42\n"]}  # 2 MB unread
+    specs["infinite_loop"] = {"inputs": ["1\n"] * 5, "outputs": ["42\n"] * 5}
     t0 = time.monotonic()
-    jobs = [
-        code.make_job(f"```python\n{programs[n]}\n```", code.parse_ground_truth(TRUTH))
-        for n in names
-    ]
-    jobs[names.index("ignore_stdin")] = Job(
-        "stdin", jobs[0].files | {"solution.py": programs["ignore_stdin"]}, ["9\n" * (1 << 20)]
-    )  # a 2 MB input unread
-    runs = box.run_many(jobs)
+    runs = box.run_many([code.make_job(f"```python\n{programs[n]}\n```", specs[n]) for n in names])
     elapsed = time.monotonic() - t0
     try:
         accepted = listener.accept()[0]
@@ -113,8 +111,7 @@ def hostile(box, tmp_path_factory):
     except BlockingIOError:
         accepted = None
     listener.close()
-    spec = code.parse_ground_truth(TRUTH)
-    results = {n: (code.fraction_passed(r, spec), r) for n, r in zip(names, runs, strict=True)}
+    results = {n: (code.fraction_passed(r, specs[n]), r) for n, r in zip(names, runs, strict=True)}
     return types.SimpleNamespace(
         results=results,
         elapsed=elapsed,
@@ -138,6 +135,16 @@ def test_every_hostile_program_scores_zero_within_its_limits(box, hostile):
     assert status["kill_parent"] == "killed"  # it killed the harness, the test is lost
     assert hostile.results["ignore_stdin"][1][0].output == "41\n"
     assert "from-shell" in hostile.results["os_system"][1][0].output
+
+
+def test_the_program_budget_stops_its_tests(hostile):
+    """5 tests of an infinite loop, 1 s each, in a 3 s budget: 3 run to their limit, the last
+    never starts (the fourth may get what the first three left)."""
+    runs = hostile.results["infinite_loop"][1]
+    status = [r.status for r in runs]
+    assert status[:3] == ["timeout"] * 3 and status[-1] == "budget", status
+    assert set(status) == {"timeout", "budget"}
+    assert sum(r.wall_s for r in runs) <= LIMITS.program_s + 0.1
 
 
 def test_fork_bomb_is_bounded_where_the_process_limit_applies(box, hostile):
@@ -179,10 +186,15 @@ def test_network_and_host_files_by_level(box, hostile):
 
 
 def test_the_pool_keeps_working_and_scores(box, hostile):
-    truths = [TRUTH, '{"inputs": [[2, 3]], "outputs": [5], "fn_name": "add"}']
+    """Each kind of job after the hostile ones; pytest (KodCode) runs at this level too."""
+    pytest_truth = json.dumps(
+        {"pytest": "from solution import add\n\ndef test_add():\n    assert add(2, 3) == 5\n"}
+    )
+    truths = [TRUTH, '{"inputs": [[2, 3]], "outputs": [5], "fn_name": "add"}', pytest_truth]
     responses = ["```python\nprint(int(input()) * 42)\n```", "def add(a, b):\n    return a + b"]
+    responses.append(responses[1])
     rewards, fractions = code.score_batch(responses * 2, truths * 2, box)
-    assert rewards.tolist() == [1.0] * 4 and fractions.tolist() == [1.0] * 4
+    assert rewards.tolist() == [1.0] * 6 and fractions.tolist() == [1.0] * 6
 
 
 def test_bad_isolation_and_workers():
