@@ -67,6 +67,7 @@ RESUME_MAY_CHANGE = (
     "train.entropy_check_interval",
     "train.micro_batch_size",
     "train.logprob_chunk_size",
+    "train.length_granularity",
     "mesh.data",
     "mesh.fsdp",
     "mesh.tensor",

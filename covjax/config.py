@@ -122,6 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.mini_batch_prompts = 16  # 4 optimizer updates per rollout step
     c.train.micro_batch_size = 128  # responses per forward/backward
     c.train.logprob_chunk_size = 1024  # tokens per chunk of the log-softmax over the vocabulary
+    c.train.length_granularity = 256  # micro-batch lengths: multiples of this many tokens
     c.train.checkpoint_interval = 50
     c.train.eval_interval = 10
     c.train.log_interval = 10  # a log line of the headline metrics (metrics.jsonl: every step)
@@ -206,6 +207,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.mini_batch_prompts": _AT_LEAST_ONE,
     "train.micro_batch_size": _AT_LEAST_ONE,
     "train.logprob_chunk_size": _AT_LEAST_ONE,
+    "train.length_granularity": _AT_LEAST_ONE,
     "train.checkpoint_interval": _NON_NEGATIVE,
     "train.eval_interval": _NON_NEGATIVE,
     "train.log_interval": _AT_LEAST_ONE,

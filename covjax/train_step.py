@@ -1,11 +1,14 @@
-"""The jitted, sharded update of one optimizer mini-batch.
+"""The sharded update of one optimizer mini-batch.
 
-    covariance + selection over the whole mini-batch (cov_scope="minibatch")
+    rows sorted by response length, cut into micro-batches, each computed to its longest row
+    -> covariance + selection over the whole mini-batch (cov_scope="minibatch")
     -> micro-batch forward/backward with the selection as an input mask, gradients accumulated
     -> optax AdamW with global-norm clipping on fp32 master weights
 
-Everything here is a pure function of arrays: the parameters live in a `TrainState` pytree
-(donated to the update, so the old copy is freed), the model structure in an nnx graphdef.
+Everything jitted is a pure function of arrays: the parameters live in a `TrainState` pytree
+(donated to the update, so the old copy is freed), the model structure in an nnx graphdef. A
+micro-batch's program is compiled once per length (a multiple of `length_granularity`), and the
+host runs the mini-batch's micro-batches one after another, the gradient sum staying on device.
 
 A batch is a dict of [B, ...] arrays, with P the padded prompt length and R the response length:
   input_ids, positions [B, P+R-1] int32; attention_mask [B, P+R-1] bool  (tokens[:, :-1])
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import chex
@@ -30,7 +32,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from covjax import losses, sharding
+from covjax import losses, multihost, sharding
 
 Batch = dict[str, jax.Array]
 
@@ -57,6 +59,7 @@ class StepConfig:
     temperature: float
     micro_batch_size: int
     chunk_size: int
+    length_granularity: int = 1  # micro-batch lengths are multiples of this (recompile bound)
 
     @classmethod
     def from_config(cls, config) -> StepConfig:
@@ -71,6 +74,7 @@ class StepConfig:
             temperature=float(config.rollout.temperature),
             micro_batch_size=int(config.train.micro_batch_size),
             chunk_size=int(config.train.logprob_chunk_size),
+            length_granularity=int(config.train.length_granularity),
         )
 
     @property
@@ -168,8 +172,94 @@ def batched_logprobs(
 
 
 # ---------------------------------------------------------------------------------------------
+# Micro-batches computed to their longest response
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatch:
+    """Rows of a batch computed together, and the response columns they are computed to."""
+
+    rows: np.ndarray  # [m] int32 row indices into the batch
+    length: int  # the longest response among the rows, rounded up to the length granularity
+
+
+def response_lengths(mask: np.ndarray) -> np.ndarray:
+    """[B] int: each row's response columns up to its last real token (0 for none)."""
+    mask = np.asarray(mask, bool)
+    last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
+    return np.where(mask.any(axis=1), last, 0)
+
+
+def plan_micro_batches(
+    mask: np.ndarray, micro_batch_size: int, granularity: int, group_rows: int | None = None
+) -> list[MicroBatch]:
+    """Micro-batches of `micro_batch_size` rows of similar response length.
+
+    Within each group of `group_rows` consecutive rows (None: all rows) the rows are sorted by
+    response length and cut into micro-batches; each is computed only to its longest response,
+    rounded up to a multiple of `granularity` (so at most ceil(R / granularity) shapes compile).
+    Columns past a row's response are padding the loss masks, and causal attention keeps them
+    out of every earlier position, so dropping them changes no real token's log-prob.
+    """
+    num_rows, width = mask.shape
+    group_rows = num_rows if group_rows is None else group_rows
+    if num_rows % group_rows or group_rows % micro_batch_size:
+        raise ValueError(f"{num_rows} rows in groups of {group_rows}: micro_batch_size="
+                         f"{micro_batch_size} does not divide them")
+    lengths = response_lengths(mask)
+    plan = []
+    for start in range(0, num_rows, group_rows):
+        order = start + np.argsort(lengths[start:start + group_rows], kind="stable")
+        for rows in np.split(order, group_rows // micro_batch_size):
+            longest = max(int(lengths[rows].max()), 1)
+            length = min(-(-longest // granularity) * granularity, width)
+            plan.append(MicroBatch(rows=rows.astype(np.int32), length=length))
+    return plan
+
+
+def computed_tokens(plan: list[MicroBatch], prompt_columns: int) -> int:
+    """Input tokens the forward passes of `plan` compute: rows x (prompt + response columns)."""
+    return sum(len(mb.rows) * (prompt_columns + mb.length - 1) for mb in plan)
+
+
+def gather_micro(batch: Batch, rows: jax.Array, length: int) -> Batch:
+    """The micro-batch `rows` of `batch` cut to `length` response columns (inputs keep their
+    P - 1 prompt columns before them), its rows spread over the batch shards."""
+    width = batch["targets"].shape[1]
+
+    def one(x):
+        x = x[:, : x.shape[1] - width + length][rows]
+        return sharding.constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
+
+    return {k: one(v) for k, v in batch.items()}
+
+
+def micro_logprobs_into(
+    params: nnx.State,
+    batch: Batch,
+    rows: jax.Array,
+    out: tuple[jax.Array, jax.Array],
+    *,
+    length: int,
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    cfg: StepConfig,
+) -> tuple[jax.Array, jax.Array]:
+    """`out` = (logp, entropy) [B, R] with the no-gradient values of micro-batch `rows` written
+    into its first `length` columns (the other entries are left as they are)."""
+    values = response_logprobs(graphdef, params, rest, gather_micro(batch, rows, length), cfg)
+    return tuple(
+        o.at[rows, :length].set(jax.lax.stop_gradient(v)) for o, v in zip(out, values, strict=True)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # The update
 # ---------------------------------------------------------------------------------------------
+
+_STATS = ("loss", "entropy_sum", "num_selected", "cov_selected_sum", "ppo_clip_count",
+          "ppo_kl_sum")
 
 
 def _denominators(mask: jax.Array) -> dict[str, jax.Array]:
@@ -225,6 +315,42 @@ def micro_batch_loss(
     return loss, stats
 
 
+def micro_grads_into(
+    params: nnx.State,
+    acc: tuple[nnx.State, dict[str, jax.Array]],
+    batch: Batch,
+    selected: jax.Array | None,
+    rows: jax.Array,
+    rng: jax.Array,
+    *,
+    length: int,
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    cfg: StepConfig,
+) -> tuple[nnx.State, dict[str, jax.Array]]:
+    """`acc` (gradient sum, statistics sums) plus micro-batch `rows`' share of the mini-batch
+    loss, computed to `length` response columns; `selected`: the mini-batch's selection [B, R]."""
+    denominators = _denominators(batch["mask"])
+    micro = gather_micro(batch if selected is None else {**batch, "selected": selected}, rows,
+                         length)
+    micro_selected = micro.pop("selected", None)
+    grads, stats = jax.grad(micro_batch_loss, has_aux=True)(
+        params, graphdef, rest, micro, micro_selected, rng, denominators, cfg
+    )
+    return jax.tree.map(jnp.add, acc, (grads, stats))
+
+
+def select_given_logp(
+    logp: jax.Array, batch: Batch, rng: jax.Array, cfg: StepConfig
+) -> jax.Array:
+    """The tokens [B, R] Clip-Cov / KL-Cov select over the whole mini-batch by Eq. 10's
+    covariance of the policy's log-probs `logp` (covjax.losses.select_tokens; `rng`: Clip-Cov's
+    random choice)."""
+    return losses.select_tokens(
+        logp, batch["old_logp"], batch["advantages"], batch["mask"], cfg.loss, rng=rng
+    )
+
+
 def select_minibatch(
     params: nnx.State,
     batch: Batch,
@@ -234,14 +360,10 @@ def select_minibatch(
     rest: nnx.State,
     cfg: StepConfig,
 ) -> tuple[jax.Array, jax.Array]:
-    """The selection pre-pass of `update` (cov_scope="minibatch"): the policy's log-probs [B, R]
-    of the whole mini-batch and the tokens [B, R] Clip-Cov / KL-Cov select among them by Eq. 10's
-    covariance (covjax.losses.select_tokens; `rng`: Clip-Cov's random choice)."""
+    """The selection pre-pass in one program, every row computed to R columns: the policy's
+    log-probs [B, R] and the selected tokens [B, R] (the reference the update's is tested on)."""
     logp, _ = batched_logprobs(graphdef, params, rest, batch, cfg)
-    selected = losses.select_tokens(
-        logp, batch["old_logp"], batch["advantages"], batch["mask"], cfg.loss, rng=rng
-    )
-    return logp, selected
+    return logp, select_given_logp(logp, batch, rng, cfg)
 
 
 def update_rngs(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -249,53 +371,23 @@ def update_rngs(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
     return tuple(jax.random.split(rng))
 
 
-def update(
+def apply_gradients(
     state: TrainState,
+    acc: tuple[nnx.State, dict[str, jax.Array]],
     batch: Batch,
-    rng: jax.Array,
+    logp: jax.Array | None,
+    selected: jax.Array | None,
     *,
-    graphdef: nnx.GraphDef,
-    rest: nnx.State,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
-    cfg: StepConfig,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on one mini-batch: selection pre-pass, accumulated micro-batch
-    gradients, clipped AdamW. Returns the new state and the mini-batch's metrics (scalars)."""
+    """The optimizer step on the accumulated gradients and the mini-batch's metrics (scalars)."""
+    grads, stats = acc
     mask = batch["mask"]
-    chex.assert_equal_shape([batch["targets"], mask, batch["advantages"], batch["old_logp"]])
-    num_seqs = mask.shape[0]
-    if num_seqs % cfg.micro_batch_size:
-        raise ValueError(f"mini-batch of {num_seqs} rows: micro_batch_size={cfg.micro_batch_size} "
-                         "does not divide it")
-    num_micro = num_seqs // cfg.micro_batch_size
-    denominators = _denominators(mask)
-    select_rng, loss_rng = update_rngs(rng)
-
-    logp = None
-    selected = None
-    if cfg.preselect:  # the selection of the whole mini-batch, handed to every micro-batch
-        logp, selected = select_minibatch(
-            state.params, batch, select_rng, graphdef=graphdef, rest=rest, cfg=cfg
-        )
-
-    micro = jax.tree.map(lambda x: _split_micro(x, num_micro), batch)
-    micro_selected = None if selected is None else _split_micro(selected, num_micro)
-    micro_rngs = jax.random.split(loss_rng, num_micro)
-    grad_fn = jax.grad(micro_batch_loss, has_aux=True)
-
-    def accumulate(grads, xs):
-        mb, sel, key = xs
-        g, stats = grad_fn(state.params, graphdef, rest, mb, sel, key, denominators, cfg)
-        return jax.tree.map(jnp.add, grads, g), stats
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, stats = jax.lax.scan(accumulate, zeros, (micro, micro_selected, micro_rngs))
-    stats = jax.tree.map(jnp.sum, stats)
-
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    num_tokens = jnp.maximum(denominators["num_tokens"], 1.0)
+    count = jnp.sum(mask.astype(jnp.float32))
+    num_tokens = jnp.maximum(count, 1.0)
     metrics = {
         "loss": stats["loss"],
         "entropy": stats["entropy_sum"] / num_tokens,
@@ -305,7 +397,7 @@ def update(
         "ppo_kl": stats["ppo_kl_sum"] / num_tokens,
         "grad_norm": optax.tree.norm(grads),
         "lr": schedule(state.step),
-        "num_tokens": denominators["num_tokens"],
+        "num_tokens": count,
         # micro-batch means (microbatch scope) weighted by their selected counts
         "cov_selected_mean": stats["cov_selected_sum"] / jnp.maximum(stats["num_selected"], 1.0),
     }
@@ -348,6 +440,101 @@ def batch_shardings(batch: Batch, mesh: Mesh) -> dict[str, NamedSharding]:
     return {k: sharding.data_sharding(mesh, v.ndim) for k, v in batch.items()}
 
 
+class CompiledUpdate:
+    """`update`: one optimizer step on one mini-batch, as programs compiled per micro-batch
+    length (the state argument is donated).
+
+    The selection pre-pass (cov_scope="minibatch") computes the policy's log-probs of the whole
+    mini-batch, micro-batch by micro-batch, then selects over all of it; with
+    `logp_is_old=True` (the step's first mini-batch: the parameters that computed old_logp) it
+    selects on old_logp instead of a second forward. The micro-batches' gradients are summed,
+    then clipped AdamW applies them. `forwards` counts the micro-batch forward passes run.
+    """
+
+    def __init__(self, *, graphdef, rest, tx, schedule, cfg, state_sharding, batch_sharding, mesh):
+        self.cfg, self.batch_sharding = cfg, batch_sharding
+        replicated = NamedSharding(mesh, PartitionSpec())
+        rows = sharding.data_sharding(mesh, 2)
+        model = dict(graphdef=graphdef, rest=rest, cfg=cfg)
+        self._zeros = jax.jit(
+            lambda params: (jax.tree.map(jnp.zeros_like, params),
+                            {k: jnp.zeros((), jnp.float32) for k in _STATS}),
+            out_shardings=(state_sharding.params, replicated),
+        )
+        self._grads = jax.jit(
+            functools.partial(micro_grads_into, **model), static_argnames=("length",),
+            donate_argnums=(1,), out_shardings=(state_sharding.params, replicated),
+        )
+        self._logprobs = LogProbs(param_sharding=state_sharding.params,
+                                  batch_sharding=batch_sharding, mesh=mesh, **model)
+        self._select = jax.jit(functools.partial(select_given_logp, cfg=cfg), out_shardings=rows)
+        self._apply = jax.jit(
+            functools.partial(apply_gradients, tx=tx, schedule=schedule),
+            donate_argnums=(0,), out_shardings=(state_sharding, replicated),
+        )
+        self.forwards = 0
+
+    def plan(self, mask: np.ndarray) -> list[MicroBatch]:
+        """The micro-batches of a mini-batch with this response `mask` [B, R]."""
+        return plan_micro_batches(mask, self.cfg.micro_batch_size, self.cfg.length_granularity)
+
+    def __call__(
+        self, state: TrainState, batch: Batch, rng: jax.Array, *, logp_is_old: bool = False
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        chex.assert_equal_shape([batch["targets"], batch["mask"], batch["advantages"],
+                                 batch["old_logp"]])
+        plan = self.plan(multihost.host_gather(batch["mask"]))
+        batch = {k: jax.device_put(v, self.batch_sharding[k]) for k, v in batch.items()}
+        select_rng, loss_rng = update_rngs(rng)
+        logp = selected = None
+        if self.cfg.preselect:
+            if logp_is_old:
+                logp = batch["old_logp"]
+            else:
+                logp, _ = self._logprobs.run(state.params, batch, plan)
+                self.forwards += len(plan)
+            selected = self._select(logp, batch, select_rng)
+        acc = self._zeros(state.params)
+        keys = jax.random.split(loss_rng, len(plan))
+        for key, micro in zip(keys, plan, strict=True):
+            acc = self._grads(state.params, acc, batch, selected, micro.rows, key,
+                              length=micro.length)
+        self.forwards += len(plan)
+        return self._apply(state, acc, batch, logp, selected)
+
+
+class LogProbs:
+    """No-gradient (logp, entropy) [B, R] of a batch (input_ids, positions, attention_mask,
+    targets and the response mask), micro-batch by micro-batch, each computed to its longest
+    response; entries past a row's response are 0."""
+
+    def __init__(self, *, graphdef, rest, cfg, param_sharding, batch_sharding, mesh):
+        del param_sharding  # the parameters arrive placed
+        self.cfg, self.batch_sharding = cfg, batch_sharding
+        self._rows = sharding.data_sharding(mesh, 2)
+        self._into = jax.jit(
+            functools.partial(micro_logprobs_into, graphdef=graphdef, rest=rest, cfg=cfg),
+            static_argnames=("length",), donate_argnums=(3,),
+            out_shardings=(self._rows, self._rows),
+        )
+
+    def run(
+        self, params: nnx.State, batch: Batch, plan: list[MicroBatch]
+    ) -> tuple[jax.Array, jax.Array]:
+        """(logp, entropy) of the placed `batch`, computed as `plan` groups its rows."""
+        zeros = np.zeros(batch["targets"].shape, np.float32)
+        out = (multihost.global_array(zeros, self._rows), multihost.global_array(zeros, self._rows))
+        for micro in plan:
+            out = self._into(params, batch, micro.rows, out, length=micro.length)
+        return out
+
+    def __call__(self, params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        mask = multihost.host_gather(batch["mask"])
+        plan = plan_micro_batches(mask, self.cfg.micro_batch_size, self.cfg.length_granularity)
+        batch = {k: jax.device_put(v, self.batch_sharding[k]) for k, v in batch.items()}
+        return self.run(params, batch, plan)
+
+
 def compile_update(
     *,
     graphdef: nnx.GraphDef,
@@ -358,21 +545,10 @@ def compile_update(
     state_sharding: TrainState,
     batch_sharding: dict[str, NamedSharding],
     mesh: Mesh,
-) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """`update` under jax.jit with explicit in/out shardings; the state argument is donated."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def fn(state, batch, rng):
-        return update(
-            state, batch, rng, graphdef=graphdef, rest=rest, tx=tx, schedule=schedule, cfg=cfg
-        )
-
-    return jax.jit(
-        fn,
-        in_shardings=(state_sharding, batch_sharding, replicated),
-        out_shardings=(state_sharding, replicated),
-        donate_argnums=(0,),
-    )
+) -> CompiledUpdate:
+    """`update(state, batch, rng)` with explicit shardings; the state argument is donated."""
+    return CompiledUpdate(graphdef=graphdef, rest=rest, tx=tx, schedule=schedule, cfg=cfg,
+                          state_sharding=state_sharding, batch_sharding=batch_sharding, mesh=mesh)
 
 
 def compile_logprobs(
@@ -383,11 +559,7 @@ def compile_logprobs(
     param_sharding: nnx.State,
     batch_sharding: dict[str, NamedSharding],
     mesh: Mesh,
-) -> Callable[[nnx.State, Batch], tuple[jax.Array, jax.Array]]:
-    """`batched_logprobs` under jax.jit: (logp, entropy) [B, R], sharded like the batch."""
-    out = sharding.data_sharding(mesh, 2)
-
-    def fn(params, batch):
-        return batched_logprobs(graphdef, params, rest, batch, cfg)
-
-    return jax.jit(fn, in_shardings=(param_sharding, batch_sharding), out_shardings=(out, out))
+) -> LogProbs:
+    """`LogProbs(params, batch)`: (logp, entropy) [B, R], sharded like the batch."""
+    return LogProbs(graphdef=graphdef, rest=rest, cfg=cfg, param_sharding=param_sharding,
+                    batch_sharding=batch_sharding, mesh=mesh)

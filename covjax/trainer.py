@@ -179,7 +179,7 @@ class Learner:
             mb = {k: v[: self.mini_rows] for k, v in batch.items()}
             for name in ("old_logp", "ref_logp") if self.ref_params is not None else ("old_logp",):
                 mb[name] = mb["advantages"]  # [B, R] float32 like the advantages
-            lp_keys = ("input_ids", "positions", "attention_mask", "targets")
+            lp_keys = ("input_ids", "positions", "attention_mask", "targets", "mask")
             self.compiled[key] = (
                 train_step.compile_update(
                     graphdef=self.graphdef, rest=self.rest, tx=self.tx, schedule=self.schedule,
@@ -363,7 +363,8 @@ def _learn(step: int, step_rng: jax.Array, data: StepData, state: train_step.Tra
     host = train_step.make_batch(data.arrays, data.prompt_length, data.advantages)
     update_fn, logprob_fn, b_sharding = learner.programs(host)
     batch = {k: multihost.global_array(v, b_sharding[k]) for k, v in host.items()}
-    lp_batch = {k: batch[k] for k in ("input_ids", "positions", "attention_mask", "targets")}
+    lp_keys = ("input_ids", "positions", "attention_mask", "targets", "mask")
+    lp_batch = {k: batch[k] for k in lp_keys}
     old_logp, entropy = logprob_fn(state.params, lp_batch)
     host["old_logp"] = old_logp_np = multihost.host_gather(old_logp)
     if learner.ref_params is not None:
@@ -385,7 +386,9 @@ def _learn(step: int, step_rng: jax.Array, data: StepData, state: train_step.Tra
                                       b_sharding.get(k, b_sharding["advantages"]))
             for k, v in host.items()
         }
-        state, m = update_fn(state, mb, jax.random.fold_in(step_rng, 2 + index))
+        # the first update's parameters computed old_logp: its selection reuses them
+        state, m = update_fn(state, mb, jax.random.fold_in(step_rng, 2 + index),
+                             logp_is_old=not updates)
         updates.append(m)
     updates = [{k: float(v) for k, v in u.items()} for u in jax.device_get(updates)]
     metrics.update(summarize_updates(updates))
