@@ -273,6 +273,50 @@ def _run_subprocess(impl: str, argv) -> dict:
     return json.loads(results[-1][len("RESULT ") :])
 
 
+def long_tailed_lengths(rows: int, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """Response lengths [rows] in 1..cap: lognormal with median 0.2 * cap, 5% cut at the cap
+    (sigma = ln 5 / z_0.95, so P(length > cap) = 0.05), as reasoning models' responses."""
+    sigma = np.log(5.0) / 1.6448536
+    lengths = np.exp(np.log(0.2 * cap) + sigma * rng.standard_normal(rows))
+    return np.clip(np.ceil(lengths), 1, cap).astype(np.int64)
+
+
+def token_counts(args) -> dict:
+    """Computed / real tokens of the old-log-prob pass and the update on long-tailed responses,
+    rows computed as covjax.train_step plans them against every row computed to P + R - 1.
+
+    The 7B recipe's shapes: 256 prompts x 8 responses per step, mini-batches of 32 x 8 rows,
+    micro-batches of 16; prompts fill their P columns (the sampler's prompt buckets are not
+    counted here), so the real tokens of a row are P + its response length - 1 inputs.
+    """
+    from covjax.train_step import computed_tokens, plan_micro_batches
+
+    rng = np.random.default_rng(0)
+    rows, mini, micro, cap, prompt = 2048, 256, 16, 8192, args.prompt_columns
+    ratios: dict[str, list[float]] = {}
+    for _ in range(args.steps):
+        mask = np.arange(cap)[None, :] < long_tailed_lengths(rows, cap, rng)[:, None]
+        real = rows * (prompt - 1) + int(mask.sum())
+        response = int(mask.sum())
+        for name, group, granularity in (
+            ("old_logp", None, args.granularity),
+            ("update", mini, args.granularity),
+            ("padded", None, cap),
+        ):
+            plan = plan_micro_batches(mask, micro, granularity, group_rows=group)
+            ratios.setdefault(name, []).append(computed_tokens(plan, prompt) / real)
+            cols = sum(len(mb.rows) * mb.length for mb in plan)
+            ratios.setdefault(name + "_response", []).append(cols / response)
+    result = {k: float(np.mean(v)) for k, v in ratios.items()}
+    print(f"{args.steps} steps of {rows} rows, responses <= {cap} (lognormal, median 0.2 cap, "
+          f"5% at cap), P = {prompt}, micro-batches of {micro}, granularity {args.granularity}")
+    print("| pass | computed / real tokens | response columns / response tokens |")
+    print("|---|---|---|")
+    for name in ("padded", "old_logp", "update"):
+        print(f"| {name} | {result[name]:.3f} | {result[name + '_response']:.3f} |")
+    return {"benchmark": "token_counts", "granularity": args.granularity, **result}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--peer", choices=("none", "torch"), default="none")
@@ -292,7 +336,16 @@ def main(argv=None) -> None:
         "subprocess, so JAX's preallocated GPU memory never starves PyTorch)",
     )
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the peak")
+    parser.add_argument(
+        "--token-count", action="store_true",
+        help="only count computed / real tokens of the update on long-tailed lengths (CPU)",
+    )
+    parser.add_argument("--granularity", type=int, default=256, help="train.length_granularity")
+    parser.add_argument("--prompt-columns", type=int, default=256, help="P of --token-count")
     args = parser.parse_args(argv)
+    if args.token_count:
+        print("RESULT " + json.dumps(token_counts(args)), flush=True)
+        return
 
     shape = TINY if args.tiny else Shape()
     if args.batch:

@@ -465,7 +465,7 @@ class CompiledUpdate:
             functools.partial(micro_grads_into, **model), static_argnames=("length",),
             donate_argnums=(1,), out_shardings=(state_sharding.params, replicated),
         )
-        self._logprobs = LogProbs(param_sharding=state_sharding.params,
+        self.logprobs = LogProbs(param_sharding=state_sharding.params,
                                   batch_sharding=batch_sharding, mesh=mesh, **model)
         self._select = jax.jit(functools.partial(select_given_logp, cfg=cfg), out_shardings=rows)
         self._apply = jax.jit(
@@ -491,7 +491,7 @@ class CompiledUpdate:
             if logp_is_old:
                 logp = batch["old_logp"]
             else:
-                logp, _ = self._logprobs.run(state.params, batch, plan)
+                logp, _ = self.logprobs.run(state.params, batch, plan)
                 self.forwards += len(plan)
             selected = self._select(logp, batch, select_rng)
         acc = self._zeros(state.params)

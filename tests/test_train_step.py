@@ -113,34 +113,43 @@ def _reference_gradients(model, batch, *, method):
     return jax.jit(jax.grad(loss_fn))(params)
 
 
+_UPDATES = {}
 _GRADIENTS = {}
+KEEP = optax.GradientTransformation(  # keeps the gradients as its state, the parameters as they are
+    init=lambda params: jax.tree.map(jnp.zeros_like, params),
+    update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads),
+)
 
 
-def _our_gradients(model, batch, cfg, mesh_shape=(1, 1, 1)):
-    """(gradients, metrics) of `train_step.update` on a (data, fsdp, tensor) mesh: the same
-    compiled update, with an optimizer that keeps the gradients as its state and leaves the
-    parameters as they are."""
-    key = (cfg, mesh_shape)
-    if key in _GRADIENTS:
-        return _GRADIENTS[key]
-    keep = optax.GradientTransformation(
-        init=lambda params: jax.tree.map(jnp.zeros_like, params),
-        update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads),
-    )
+def _compiled_update(model, batch, cfg, mesh_shape=(1, 1, 1)):
+    """(compiled update with the KEEP optimizer, its mesh, a fresh placed state) on a
+    (data, fsdp, tensor) mesh; the compiled programs are shared by the tests."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[: np.prod(mesh_shape)])
-    with jax.set_mesh(mesh):
-        state = train_step.init_state(jax.tree.map(jnp.copy, params), keep)
-        state_sharding = train_step.state_shardings(
-            state, train_step.param_shardings(params, mesh), mesh
-        )
-        fn = train_step.compile_update(
-            graphdef=graphdef, rest=rest, tx=keep, schedule=optax.constant_schedule(0.0), cfg=cfg,
+    state = train_step.init_state(jax.tree.map(jnp.copy, params), KEEP)
+    state_sharding = train_step.state_shardings(
+        state, train_step.param_shardings(params, mesh), mesh
+    )
+    key = (cfg, mesh_shape)
+    if key not in _UPDATES:
+        _UPDATES[key] = train_step.compile_update(
+            graphdef=graphdef, rest=rest, tx=KEEP, schedule=optax.constant_schedule(0.0), cfg=cfg,
             state_sharding=state_sharding,
             batch_sharding=train_step.batch_shardings(batch, mesh), mesh=mesh,
         )
-        new_state, metrics = fn(jax.device_put(state, state_sharding), batch, jax.random.key(7))
-    _GRADIENTS[key] = jax.device_get((new_state.opt_state, metrics))
+    return _UPDATES[key], mesh, jax.device_put(state, state_sharding)
+
+
+def _our_gradients(model, batch, cfg, mesh_shape=(1, 1, 1), **kwargs):
+    """(gradients, metrics) of the compiled update: the KEEP optimizer's new state."""
+    key = (cfg, mesh_shape)
+    if key not in _GRADIENTS or kwargs:
+        fn, mesh, state = _compiled_update(model, batch, cfg, mesh_shape)
+        with jax.set_mesh(mesh):
+            new_state, metrics = fn(state, batch, jax.random.key(7), **kwargs)
+        if kwargs:
+            return jax.device_get((new_state.opt_state, metrics))
+        _GRADIENTS[key] = jax.device_get((new_state.opt_state, metrics))
     return _GRADIENTS[key]
 
 
@@ -174,6 +183,27 @@ def test_micro_batches_cut_to_their_rows_equal_the_padded_update(model, batch, m
     _assert_gradients_close(cut, padded)
 
 
+def test_first_mini_batch_selects_on_old_logp_without_a_forward(model, batch):
+    """On-policy (old_logp computed by these parameters), selecting on old_logp gives the
+    selection, loss and gradients of the pre-pass forward, with its 4 micro-batch forwards fewer."""
+    cfg = dataclasses.replace(CLIP_COV, micro_batch_size=B // 4)
+    fn, mesh, state = _compiled_update(model, batch, cfg)
+    with jax.set_mesh(mesh):
+        old_logp, _ = fn.logprobs(state.params, batch)
+    on_policy = {**batch, "old_logp": np.asarray(old_logp)}
+    forwards, results = [], []
+    for logp_is_old in (False, True):
+        before = fn.forwards
+        results.append(_our_gradients(model, on_policy, cfg, logp_is_old=logp_is_old))
+        forwards.append(fn.forwards - before)
+    assert forwards == [8, 4]  # pre-pass + gradients; gradients only
+    (recomputed, m_re), (reused, m_old) = results
+    assert m_re["num_selected"] >= 2
+    for name in ("num_selected", "cov_selected_mean", "loss", "grad_norm"):
+        np.testing.assert_allclose(m_old[name], m_re[name], rtol=1e-6, err_msg=name)
+    _assert_gradients_close(reused, recomputed)
+
+
 def test_plan_sorts_rows_and_bounds_lengths():
     """Rows sorted by response length within each group; lengths rounded up, capped at R."""
     mask = np.arange(10)[None, :] < np.array([[7], [0], [10], [2], [9], [1], [3], [4]])
@@ -190,3 +220,24 @@ def test_step_config_from_config_and_bad_micro_batch():
     assert cfg.preselect and not dataclasses.replace(cfg, cov_scope="microbatch").preselect
     with pytest.raises(ValueError, match="micro_batch_size=3"):
         train_step.plan_micro_batches(np.ones((8, 5), bool), 3, 1)
+
+
+def test_remat_policies_change_nothing(model):
+    """Each named remat policy (what a layer keeps for the backward) gives the gradients of no
+    remat: the policies trade memory for recomputation only."""
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 6)), jnp.int32)
+
+    def grads(policy):
+        m = Transformer(dataclasses.replace(model.config, remat=policy), rngs=nnx.Rngs(0))
+        graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+
+        def loss(p):
+            return jnp.mean(nnx.merge(graphdef, p, rest).hidden_states(ids) ** 2)
+
+        return jax.jit(jax.grad(loss))(params)
+
+    ref = jax.tree.leaves(grads("none"))
+    for policy in ("minimal", "save_attention"):  # "layer": tests/test_model.py
+        for g, ref_g in zip(jax.tree.leaves(grads(policy)), ref, strict=True):
+            scale = np.abs(ref_g).max()  # recomputed sums round differently: compared at scale
+            np.testing.assert_allclose(g, ref_g, rtol=0, atol=1e-4 * scale, err_msg=policy)

@@ -14,7 +14,7 @@ HF_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
 }
 _HF_NAME = {v: k for k, v in HF_ARCHITECTURES.items()}
-REMAT_POLICIES = ("none", "layer", "dots")
+REMAT_POLICIES = ("none", "layer", "dots", "minimal", "save_attention")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 LLAMA3_ROPE_KEYS = (
@@ -40,7 +40,9 @@ class ModelConfig:
     `param_dtype` is the storage dtype of the weights (float32 = the learner's master weights);
     `compute_dtype` is the dtype of the matmuls (bfloat16 on accelerators). Norms, softmax and
     logits are always float32. `remat`: "none", "layer" (recompute each block in the backward
-    pass) or "dots" (per block, keep matmul outputs and recompute the rest).
+    pass, MaxText's "full"), "dots" (per block, keep matmul outputs and recompute the rest),
+    "minimal" (keep the attention's matmul outputs, q/k/v, attention and out projection, and
+    recompute the MLP's) or "save_attention" (keep only the attention outputs).
     `scan_layers` stacks the blocks and runs them with `lax.scan`, so compile time is flat in
     depth. `sliding_window` (Mistral) is accepted only where it cannot change the result: a
     forward over more keys than the window raises. `bos_token_id`, `eos_token_id` (one id or a

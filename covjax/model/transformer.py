@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 from jax.typing import DTypeLike
 
 from covjax.model.config import ModelConfig
@@ -234,6 +235,7 @@ class Block(nnx.Module):
         v = jnp.einsum("btd,dnh->btnh", x, self._w("v_proj"))
         if c.attention_bias:
             q, k, v = q + self._w("q_bias"), k + self._w("k_bias"), v + self._w("v_bias")
+        q, k, v = (checkpoint_name(t, "qkv_proj") for t in (q, k, v))
         q = constrain(apply_rope(q, cos, sin), ("act_batch", "act_length", "act_heads", None))
         k = constrain(apply_rope(k, cos, sin), ("act_batch", "act_length", "act_kv_heads", None))
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
@@ -260,11 +262,12 @@ class Block(nnx.Module):
         if query_valid is not None:
             # A query with no visible key (padding) gets zeros, never NaN.
             out = jnp.where(query_valid[:, :, None, None], out, 0)
-        out = constrain(out, ("act_batch", "act_length", "act_heads", None))
+        out = checkpoint_name(constrain(out, ("act_batch", "act_length", "act_heads", None)),
+                              "attention")
         y = jnp.einsum("btnh,nhd->btd", out, self._w("o_proj"))
         if c.attention_out_bias:
             y = y + self._w("o_bias")
-        return y, new_kv
+        return checkpoint_name(y, "out_proj"), new_kv
 
     def mlp(self, x: jax.Array) -> jax.Array:
         """SwiGLU: down(silu(gate(x)) * up(x))."""
@@ -308,15 +311,18 @@ def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
     return blocks
 
 
+_REMAT_SAVED = {  # what each ModelConfig.remat policy keeps from a block's forward pass
+    "layer": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "minimal": jax.checkpoint_policies.save_only_these_names("qkv_proj", "attention", "out_proj"),
+    "save_attention": jax.checkpoint_policies.save_only_these_names("attention"),
+}
+
+
 def _remat(fn, policy: str, in_scan: bool):
     if policy == "none":
         return fn
-    saveable = (
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-        if policy == "dots"
-        else jax.checkpoint_policies.nothing_saveable
-    )
-    return jax.checkpoint(fn, policy=saveable, prevent_cse=not in_scan)
+    return jax.checkpoint(fn, policy=_REMAT_SAVED[policy], prevent_cse=not in_scan)
 
 
 class Transformer(nnx.Module):
