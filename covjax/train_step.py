@@ -478,6 +478,19 @@ class CompiledUpdate:
         """The micro-batches of a mini-batch with this response `mask` [B, R]."""
         return plan_micro_batches(mask, self.cfg.micro_batch_size, self.cfg.length_granularity)
 
+    def lower_micro_batch(self, state: TrainState, batch: Batch) -> jax.stages.Lowered:
+        """The gradient program of one micro-batch computed to all R columns, lowered for
+        `batch` (arrays or abstract ShapeDtypeStructs): the update's largest program, whose
+        memory analysis is the update's peak but for the optimizer state it leaves alone."""
+        length = batch["targets"].shape[1]
+        selected = jax.ShapeDtypeStruct(batch["mask"].shape, jnp.bool_,
+                                        sharding=self.batch_sharding["mask"])
+        return self._grads.lower(
+            state.params, jax.eval_shape(self._zeros, state.params), batch,
+            selected if self.cfg.preselect else None,
+            np.arange(self.cfg.micro_batch_size, dtype=np.int32), jax.random.key(0), length=length,
+        )
+
     def __call__(
         self, state: TrainState, batch: Batch, rng: jax.Array, *, logp_is_old: bool = False
     ) -> tuple[TrainState, dict[str, jax.Array]]:
