@@ -18,6 +18,7 @@ from helpers import TINY_SHAPE, make_tokenizer, tiny_hf_model, write_jsonl
 from covjax import config as config_lib
 from covjax import data, trainer
 from covjax.rewards import code
+from covjax.rewards.sandbox import Outcome
 from covjax.sampler import Rollout, SamplingParams, decode_responses
 from covjax.tasks import load_task
 from covjax.tasks.code import CodeTask
@@ -100,6 +101,23 @@ def setup(tmp_path_factory):
     c.train.eval_interval, c.train.checkpoint_interval = 0, 0
     c.train.cov_dump_interval = c.train.entropy_check_interval = 0
     return dict(root=root, tok=tok, config=c, eurus=eurus, kodcode=kodcode, task=load_task(c))
+
+
+def test_ground_truths_parse_and_outputs_compare_by_tokens():
+    spec = code.parse_ground_truth('{"inputs": [["1 2", "3"]], "outputs": [["3", "x"]]}')
+    assert spec == {"inputs": ["1 2\n3\n"], "outputs": ["3\nx\n"]}  # lists of lines joined
+    ok, wrong = Outcome("ok", " 3 \n x"), Outcome("ok", "3 y")
+    assert code.fraction_passed([ok], spec) == 1.0 and code.fraction_passed([wrong], spec) == 0.0
+    assert code.fraction_passed([Outcome("timeout", "3\nx\n")], spec) == 0.0
+    call = '{"inputs": [[1], [2]], "outputs": [[[1, 2]], 5], "fn_name": "f"}'
+    call = code.parse_ground_truth(call)
+    # [1, 2] matches the expected value unwrapped from its one-element list; 5 needs no unwrap
+    assert code.fraction_passed([Outcome("ok", "[1, 2]"), Outcome("ok", "5")], call) == 1.0
+    assert code.fraction_passed([Outcome("ok", "[[1, 2]]"), Outcome("ok", "[5]")], call) == 0.5
+    kod = code.parse_ground_truth('{"pytest": "def test_x(): pass"}')
+    assert code.fraction_passed([Outcome("ok", "2 3")], kod) == pytest.approx(2 / 3)
+    assert code.fraction_passed([Outcome("ok", "4 3")], kod) == 0.0  # forged counts
+    assert code.fraction_passed([Outcome("timeout", "3 3")], kod) == 0.0
 
 
 def test_program_extraction():

@@ -8,8 +8,8 @@ else 0; the fraction of tests passed is reported beside it.
 Ground truths are JSON strings, as covjax.data writes them for the code task:
 
 - ``{"inputs": [...], "outputs": [...]}`` (Eurus-2-RL-Code, APPS-style): each input is a
-  program's standard input; a test passes when the standard output equals the expected one
-  up to whitespace (the same sequence of whitespace-separated tokens);
+  program's standard input (a string, or a list of its lines); a test passes when the standard
+  output equals the expected one up to whitespace (the same whitespace-separated tokens);
 - ``{"inputs": [...], "outputs": [...], "fn_name": "f"}``: call-based; each input is the
   argument list of ``f`` (or of ``Solution().f``); a test passes when the JSON of the return
   value equals the expected output, or its only element (APPS wraps return values in a list);
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from covjax.rewards.sandbox import Job, Sandbox, TestRun
+from covjax.rewards.sandbox import Job, Outcome, Sandbox
 
 _FENCE = re.compile(r"```(?:python|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 
@@ -61,9 +61,18 @@ def parse_ground_truth(ground_truth: str) -> dict[str, Any]:
             raise ValueError(f"'fn_name' {fn_name!r} is not a Python name")
         if not all(isinstance(args, list) for args in inputs):
             raise ValueError("'inputs' of a call-based problem are not argument lists")
-    elif not all(isinstance(x, str) for x in inputs + outputs):
+        return spec
+    texts = [_lines(x) for x in inputs + outputs]
+    if None in texts:
         raise ValueError("'inputs' and 'outputs' of a standard-input problem are not strings")
-    return spec
+    return {"inputs": texts[: len(inputs)], "outputs": texts[len(inputs) :]}
+
+
+def _lines(value: Any) -> str | None:
+    """A standard-input test's text: a string, or a list of lines (some APPS rows); else None."""
+    if isinstance(value, list) and all(isinstance(line, str) for line in value):
+        return "".join(line + "\n" for line in value)
+    return value if isinstance(value, str) else None
 
 
 def make_job(response: str, spec: dict[str, Any]) -> Job:
@@ -86,7 +95,7 @@ def _call_passes(output: str, expected: Any) -> bool:
     )
 
 
-def fraction_passed(runs: Sequence[TestRun], spec: dict[str, Any]) -> float:
+def fraction_passed(runs: Sequence[Outcome], spec: dict[str, Any]) -> float:
     """The fraction of the spec's tests that `runs` (the sandbox's) pass."""
     if "pytest" in spec:
         try:  # the program could have written over the counts: then it passes nothing

@@ -80,7 +80,7 @@ class Job:
 
 
 @dataclasses.dataclass(frozen=True)
-class TestRun:
+class Outcome:
     """One test's run. status: ok (exited 0), error (non-zero exit, an exception), timeout
     (a time limit), output_limit, signal (killed by another signal), budget (not run: the
     program's budget was spent) or killed (the whole sandbox was killed or died)."""
@@ -291,11 +291,11 @@ class Sandbox:
             return None
         return UID_BASE + (os.getpid() % 10000) * MAX_WORKERS + slot
 
-    def run_many(self, jobs: Sequence[Job]) -> list[list[TestRun]]:
+    def run_many(self, jobs: Sequence[Job]) -> list[list[Outcome]]:
         """Each job's test runs, in order, run `workers` at a time."""
         return list(self._pool.map(self.run, jobs))
 
-    def run(self, job: Job) -> list[TestRun]:
+    def run(self, job: Job) -> list[Outcome]:
         """The job's test runs (kind "pytest": one), in order."""
         if job.kind not in JOB_KINDS:
             raise ValueError(f"job kind {job.kind!r} is not one of {list(JOB_KINDS)}")
@@ -305,7 +305,7 @@ class Sandbox:
         finally:
             self._slots.put(slot)
 
-    def _run(self, job: Job, uid: int | None) -> list[TestRun]:
+    def _run(self, job: Job, uid: int | None) -> list[Outcome]:
         lim = self.limits
         spec = {
             "kind": job.kind,
@@ -360,10 +360,10 @@ class Sandbox:
         runs = []
         for line in lines[:num_tests]:
             try:
-                runs.append(TestRun(**json.loads(line)))
+                runs.append(Outcome(**json.loads(line)))
             except (ValueError, TypeError):  # a line cut short when the sandbox was killed
                 break
-        return runs + [TestRun("killed", "")] * (num_tests - len(runs))
+        return runs + [Outcome("killed", "")] * (num_tests - len(runs))
 
     def close(self) -> None:
         self._pool.shutdown()
