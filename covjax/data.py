@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 import datasets
 import numpy as np
 
+from covjax.rewards.code import parse_ground_truth
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -136,8 +138,6 @@ def _user_turn(text: str, instruction: str) -> list[dict[str, str]]:
 
 def _code_tests(spec: str, field: str) -> str:
     """A code ground truth (covjax.rewards.code's JSON test spec), checked."""
-    from covjax.rewards.code import parse_ground_truth
-
     try:
         parse_ground_truth(_text(spec, field))
     except ValueError as e:

@@ -197,8 +197,13 @@ def test_the_pool_keeps_working_and_scores(box, hostile):
     assert rewards.tolist() == [1.0] * 6 and fractions.tolist() == [1.0] * 6
 
 
-def test_bad_isolation_and_workers():
+def test_bad_settings_and_a_sandbox_that_cannot_score_fail_at_start(monkeypatch, caplog):
     with pytest.raises(ValueError, match="isolation='none'"):
         sandbox.isolation_level("none")
     with pytest.raises(ValueError, match="workers"):
         Sandbox(workers=sandbox.MAX_WORKERS + 1, isolation="rlimit")
+    with pytest.raises(RuntimeError, match="a known program fails"):
+        Sandbox(Limits(memory_mb=1), workers=1, isolation="rlimit")  # Python cannot start
+    monkeypatch.setattr(sandbox, "SELF_TEST_PYTEST", "def test_x():\n    assert False\n")
+    Sandbox(workers=1, isolation="rlimit").close()
+    assert "pytest does not run in it" in caplog.text

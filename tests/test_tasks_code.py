@@ -71,7 +71,7 @@ def setup(tmp_path_factory):
         "qwen2",
         0,
         vocab_size=len(tok),
-        **TINY_SHAPE,
+        **TINY_SHAPE | {"num_hidden_layers": 1},  # one layer: the update compiles faster
         eos_token_id=eos,
         max_position_embeddings=128,
         bos_token_id=None,
@@ -96,6 +96,7 @@ def setup(tmp_path_factory):
     c.data.code.test_s, c.data.code.program_s, c.data.code.workers = 1.0, 3.0, 2
     c.rollout.n, c.rollout.max_new_tokens = 4, 1  # one token: a program, or a word
     c.advantage.dynamic_sampling = False
+    c.loss.method = "ppo"  # the task is under test, not the loss: the cheapest update to compile
     c.train.steps, c.train.prompts_per_step, c.train.mini_batch_prompts = 1, 2, 2
     c.train.micro_batch_size = 8
     c.train.eval_interval, c.train.checkpoint_interval = 0, 0

@@ -52,6 +52,7 @@ STARTUP_S = 5.0  # the interpreter's start-up, granted beyond a program's own bu
 UID_BASE = 1_500_000_000
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc")
 HARNESS = Path(__file__).with_name("harness.py")
+SELF_TEST_PYTEST = "from solution import x\n\n\ndef test_x():\n    assert x == 1\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +286,27 @@ class Sandbox:
             workers,
             limits,
         )
+        self._self_test()
+
+    def _self_test(self) -> None:
+        """Known programs must give known results here: RuntimeError when a standard-input
+        program does not run (nothing could be scored), a warning when pytest does not (KodCode
+        problems would all score 0)."""
+        stdin, pytest_run = self.run_many(
+            [
+                Job("stdin", {"solution.py": "print(int(input()) + 1)"}, ["41\n"]),
+                Job("pytest", {"solution.py": "x = 1", "test_solution.py": SELF_TEST_PYTEST}),
+            ]
+        )
+        if (stdin[0].status, stdin[0].output) != ("ok", "42\n"):
+            raise RuntimeError(f"code sandbox ({self.level}): a known program fails: {stdin[0]}")
+        if (pytest_run[0].status, pytest_run[0].output) != ("ok", "1 1"):
+            logging.warning(
+                "code sandbox (%s): pytest does not run in it (%s), so pytest-tested problems "
+                "(KodCode) score 0; install covjax's [test] extra into this Python",
+                self.level,
+                pytest_run[0],
+            )
 
     def _uid(self, slot: int) -> int | None:
         if not self.own_uid:
