@@ -197,6 +197,16 @@ def test_the_pool_keeps_working_and_scores(box, hostile):
     assert rewards.tolist() == [1.0] * 6 and fractions.tolist() == [1.0] * 6
 
 
+def test_without_bubblewrap_auto_falls_back_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(sandbox, "_bwrap_works", lambda: "bwrap is not installed")
+    monkeypatch.setattr(sandbox, "_warned", False)
+    with pytest.raises(ValueError, match="isolation='bwrap' is not available: bwrap is not"):
+        sandbox.isolation_level("bwrap")
+    assert [sandbox.isolation_level("auto") for _ in range(3)] == ["rlimit"] * 3
+    warnings = [r for r in caplog.records if "bwrap is not installed" in r.getMessage()]
+    assert len(warnings) == 1 and "apt-get install bubblewrap" in warnings[0].getMessage()
+
+
 def test_bad_settings_and_a_sandbox_that_cannot_score_fail_at_start(monkeypatch, caplog):
     with pytest.raises(ValueError, match="isolation='none'"):
         sandbox.isolation_level("none")
