@@ -261,3 +261,6 @@ def test_one_rl_step_end_to_end(setup, tmp_path, monkeypatch):
     for key in ("entropy/token_mean", "cov/mean", "ppo/clip_frac", "optim/grad_norm"):
         assert math.isfinite(step[key]), key
     assert step["optim/num_updates"] == 1
+    # seed 0 samples the right program in one group: its rewards differ, so the advantages and
+    # the gradient are not zero
+    assert rewards.max() == 1.0 and step["optim/grad_norm"] > 0
