@@ -51,15 +51,16 @@ def _check_temperature(temperature: float | jax.Array) -> None:
         raise ValueError(f"temperature must be > 0, got temperature={temperature!r}")
 
 
-def _logprobs_and_entropy(
+def _logprobs_entropy_lse(
     logits: jax.Array, targets: jax.Array, temperature: float | jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """log pi(target) and H = logsumexp(z) - sum_v softmax(z)_v z_v, z = logits / temperature."""
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """log pi(target), H = logsumexp(z) - sum_v softmax(z)_v z_v and logsumexp(z), where
+    z = logits / temperature."""
     z = logits.astype(jnp.float32) / temperature
     log_norm = jax.nn.logsumexp(z, axis=-1)
     target_z = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     entropy = log_norm - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
-    return target_z - log_norm, entropy
+    return target_z - log_norm, entropy, log_norm
 
 
 def logprobs_and_entropy(
@@ -79,7 +80,7 @@ def logprobs_and_entropy(
     _check_temperature(temperature)
     chex.assert_rank(logits, 3)
     chex.assert_shape(targets, logits.shape[:2])
-    return _logprobs_and_entropy(logits, targets, temperature)
+    return _logprobs_entropy_lse(logits, targets, temperature)[:2]
 
 
 def _chunk_logits(hidden_chunk: jax.Array, unembed: jax.Array) -> jax.Array:
@@ -87,41 +88,50 @@ def _chunk_logits(hidden_chunk: jax.Array, unembed: jax.Array) -> jax.Array:
     return jnp.dot(hidden_chunk, unembed, preferred_element_type=jnp.float32)
 
 
-@jax.custom_vjp
-def _chunked_head(hidden_chunks, unembed, target_chunks, temperature):
-    """(logp, entropy) [C, K] of C chunks of K tokens, the [K, V] logits one chunk at a time."""
+def _chunked_head_scan(hidden_chunks, unembed, target_chunks, temperature):
+    """(logp, entropy, logsumexp) [C, K] of C chunks of K tokens, one [K, V] chunk at a time."""
 
     def body(carry, xs):
-        hidden_chunk, target_chunk = xs
-        logits = _chunk_logits(hidden_chunk, unembed)
-        return carry, _logprobs_and_entropy(logits, target_chunk, temperature)
+        return carry, _logprobs_entropy_lse(_chunk_logits(xs[0], unembed), xs[1], temperature)
 
     return jax.lax.scan(body, None, (hidden_chunks, target_chunks))[1]
 
 
-def _chunked_head_fwd(hidden_chunks, unembed, target_chunks, temperature):
-    # Only the inputs are saved: the backward pass recomputes each chunk's logits.
-    out = _chunked_head(hidden_chunks, unembed, target_chunks, temperature)
-    return out, (hidden_chunks, unembed, target_chunks, temperature)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_head(hidden_chunks, unembed, target_chunks, temperature, entropy_grad):
+    """(logp, entropy) [C, K]; with `entropy_grad` False the entropy's cotangent is ignored."""
+    return _chunked_head_scan(hidden_chunks, unembed, target_chunks, temperature)[:2]
 
 
-def _chunked_head_bwd(residuals, cotangents):
-    """Per chunk: recompute the logits, get their float32 cotangent G, cast G to the matmul
-    dtype (that of hidden @ unembed: bf16 in bf16 training, so the two backward GEMMs run in
-    bf16, not TF32), then dh = G W^T and dW += h^T G, both accumulating in float32. dW is
+def _chunked_head_fwd(hidden_chunks, unembed, target_chunks, temperature, entropy_grad):
+    # The inputs and the per-token statistics are saved, never a chunk's [K, V] logits.
+    logp, entropy, log_norm = _chunked_head_scan(hidden_chunks, unembed, target_chunks,
+                                                 temperature)
+    return (logp, entropy), (hidden_chunks, unembed, target_chunks, temperature, entropy,
+                             log_norm)
+
+
+def _chunked_head_bwd(entropy_grad, residuals, cotangents):
+    """Per chunk: recompute the logits, then their float32 cotangent in closed form from the
+    saved logsumexp (d logp / dz = onehot(y) - p, d H / dz = p (lse - H - z), p = exp(z - lse)),
+    the entropy's term skipped when `entropy_grad` is False. G = dz / temperature is cast to the
+    matmul dtype (that of hidden @ unembed: bf16 in bf16 training, so the two backward GEMMs run
+    in bf16, not TF32), then dh = G W^T and dW += h^T G, both accumulating in float32. dW is
     summed over the chunks in float32 and cast to unembed's dtype once at the end."""
-    hidden_chunks, unembed, target_chunks, temperature = residuals
+    hidden_chunks, unembed, target_chunks, temperature, entropy, log_norm = residuals
     matmul_dtype = jnp.result_type(hidden_chunks.dtype, unembed.dtype)
 
     def body(carry, xs):
         d_unembed, d_temperature = carry
-        hidden_chunk, target_chunk, d_logp, d_entropy = xs
-        logits = _chunk_logits(hidden_chunk, unembed)
-        _, vjp = jax.vjp(
-            lambda z, temp: _logprobs_and_entropy(z, target_chunk, temp), logits, temperature
-        )
-        d_logits, d_temp = vjp((d_logp, d_entropy))
-        d_logits = d_logits.astype(matmul_dtype)
+        hidden_chunk, target_chunk, lse, ent, d_logp, d_entropy = xs
+        z = _chunk_logits(hidden_chunk, unembed) / temperature
+        p = jnp.exp(z - lse[:, None])
+        onehot = jnp.arange(z.shape[-1])[None, :] == target_chunk[:, None]
+        d_z = d_logp[:, None] * (onehot - p)
+        if entropy_grad:
+            d_z = d_z + d_entropy[:, None] * p * ((lse - ent)[:, None] - z)
+        d_temp = -jnp.sum(d_z * z) / temperature
+        d_logits = (d_z / temperature).astype(matmul_dtype)
         d_hidden = jnp.dot(d_logits, unembed.T, preferred_element_type=jnp.float32)
         d_unembed = d_unembed + jnp.dot(
             hidden_chunk.T, d_logits, preferred_element_type=jnp.float32
@@ -130,7 +140,7 @@ def _chunked_head_bwd(residuals, cotangents):
 
     init = (jnp.zeros(unembed.shape, jnp.float32), jnp.zeros_like(temperature))
     (d_unembed, d_temperature), d_hidden = jax.lax.scan(
-        body, init, (hidden_chunks, target_chunks, *cotangents)
+        body, init, (hidden_chunks, target_chunks, log_norm, entropy, *cotangents)
     )
     return d_hidden, d_unembed.astype(unembed.dtype), None, d_temperature
 
@@ -145,6 +155,7 @@ def logprobs_and_entropy_chunked(
     temperature: float = 1.0,
     *,
     chunk_size: int = 1024,
+    entropy_grad: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """``logprobs_and_entropy(hidden @ unembed, targets)`` without ``[B, T, V]`` float32 logits.
 
@@ -162,6 +173,8 @@ def logprobs_and_entropy_chunked(
       targets: ``[B, T]`` int token ids.
       temperature: the sampling temperature (> 0).
       chunk_size: tokens per chunk (>= 1); the last chunk is zero-padded.
+      entropy_grad: False treats the entropy as a constant (no gradient flows through it), so
+        the backward skips its term (a loss without an entropy bonus).
 
     Returns:
       ``(logp, entropy)``, both ``[B, T]`` float32.
@@ -184,7 +197,10 @@ def logprobs_and_entropy_chunked(
         unembed,
         target_chunks.reshape(num_chunks, chunk),
         jnp.asarray(temperature, jnp.float32),
+        entropy_grad,
     )
+    if not entropy_grad:
+        entropy = jax.lax.stop_gradient(entropy)
     logp = logp.reshape(-1)[:num_tokens].reshape(batch, length)
     entropy = entropy.reshape(-1)[:num_tokens].reshape(batch, length)
     return logp, entropy

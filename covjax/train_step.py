@@ -142,6 +142,7 @@ def response_logprobs(
         batch["targets"],
         cfg.temperature,
         chunk_size=cfg.chunk_size,
+        entropy_grad=cfg.entropy_coef > 0,
     )
 
 

@@ -246,6 +246,32 @@ def test_chunked_matches_unchunked_values_and_grads():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_chunked_without_entropy_gradient():
+    """entropy_grad=False: the entropy's value unchanged, its gradient zero, and logp's gradient
+    that of the unchunked softmax (the backward then skips the entropy's term)."""
+    hidden, unembed, targets, rs = head_inputs(1)
+    weights = jnp.asarray(rs.normal(0, 1, (2, 5)), jnp.float32)
+
+    def full(h, w):
+        return jnp.sum(weights * losses.logprobs_and_entropy(h @ w, targets, 0.8)[0])
+
+    def chunked(h, w, which):
+        out = losses.logprobs_and_entropy_chunked(
+            h, w, targets, 0.8, chunk_size=4, entropy_grad=False
+        )
+        return jnp.sum(weights * out[which])
+
+    grad = functools.partial(jax.grad, argnums=(0, 1))
+    for a, b in zip(grad(chunked)(hidden, unembed, 0), grad(full)(hidden, unembed), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for g in grad(chunked)(hidden, unembed, 1):
+        assert not np.any(np.asarray(g))
+    entropy = losses.logprobs_and_entropy_chunked(hidden, unembed, targets, 0.8, chunk_size=4)[1]
+    np.testing.assert_allclose(
+        entropy, losses.logprobs_and_entropy(hidden @ unembed, targets, 0.8)[1], rtol=1e-5
+    )
+
+
 def test_chunked_scans_chunks_without_full_logits():
     """The jaxpr holds [chunk, V] logits inside the scan and never a [B*T, V] array."""
     hidden, unembed = jnp.zeros((4, 16, 8)), jnp.zeros((8, 50))
