@@ -38,7 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tokenizer_path = ""  # "" = model.path
     c.model.param_dtype = "float32"  # master weights and optimizer state: keep fp32
     c.model.compute_dtype = "float32"  # bfloat16 on accelerators
-    # "layer": recompute each layer in the backward pass ("dots": but keep its matmul outputs)
+    # "layer": recompute each layer in the backward pass ("dots": but keep its matmul outputs;
+    # "minimal", "save_attention": keep named ones, covjax.model.ModelConfig); "auto": the
+    # policy covjax.memory finds fits the device for the mesh
     c.model.remat = "none"
     c.model.scan_layers = False
 
@@ -162,7 +164,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": _NON_NEGATIVE,
     "model.param_dtype": _choice(DTYPES),
     "model.compute_dtype": _choice(DTYPES),
-    "model.remat": _choice(REMAT_POLICIES),
+    "model.remat": _choice(REMAT_POLICIES + ("auto",)),
     "data.task": _choice(("toy", "math", "code")),
     "data.code.workers": _interval(0, MAX_WORKERS),
     "data.code.test_s": _POSITIVE,

@@ -11,7 +11,9 @@ Update step (one micro-batch of b sequences of S tokens, d = hidden, L = layers)
   params 4 P, AdamW moments 8 P (fp32, sharded);
   gradients 2 x 4 P (the accumulator carried over micro-batches + this micro-batch's gradient);
   compute weights 2 P (the bf16 cast of the master weights) when computing in bf16;
-  layer inputs L b S d c (the only activations saved per layer: remat recomputes the rest);
+  saved per layer L b S s c, s by the remat policy (ModelConfig.remat): "layer" d (the layer
+    input only), "save_attention" d + Hq Dh, "minimal" 2 d + (2 Hq + 2 Hkv) Dh (input, q, k, v,
+    attention, out projection), "dots" 3 d + (Hq + 2 Hkv) Dh + 2 I, "none" the working set;
   layer working set b S (4 d + 2 (Hq + 2 Hkv) Dh + 5 I) c (one layer recomputed + backward:
     normed input, residual, normed residual, incoming gradient; q, k, v and their gradients;
     SwiGLU gate, up, product and the gradients of gate and up);
@@ -160,7 +162,7 @@ def activation_bytes(
     logits_chunk: int = 1024,
     fused_attention: bool = True,
 ) -> dict[str, float]:
-    """One micro-batch's forward/backward with per-layer remat (see the module docstring).
+    """One micro-batch's forward/backward under c.remat (see the module docstring).
 
     micro_batch: sequences per device; seq_len: prompt + response tokens; response_len: tokens
     whose log-probs are computed (the output projection runs on those only, in chunks).
@@ -191,11 +193,38 @@ def activation_bytes(
     return {
         "compute_weights": compute_weight_bytes(c, mesh),
         "gathered_weights": gathered,
-        "layer_inputs": c.num_hidden_layers * tokens * d * cb,
+        "layer_inputs": c.num_hidden_layers * tokens * _saved_per_token(c, t) * cb,
         "layer_working": tokens * working * cb,
         "attention_scores": scores,
         "logits": chunk * c.vocab_size / t * LOGITS_BYTES_PER_ELEMENT,
     }
+
+
+def _saved_per_token(c: ModelConfig, tensor: int) -> float:
+    """Elements per token one layer keeps for its backward under c.remat (module docstring)."""
+    d, dh, i = c.hidden_size, c.head_dim, c.intermediate_size / tensor
+    attention = c.num_attention_heads / tensor * dh
+    qkv = attention + 2 * c.num_key_value_heads / tensor * dh
+    return {
+        "layer": d,
+        "save_attention": d + attention,
+        "minimal": 2 * d + qkv + attention,
+        "dots": 3 * d + qkv + 2 * i,
+        "none": WORKING_D * d + WORKING_QKV * qkv + WORKING_I * i,
+    }[c.remat]
+
+
+REMAT_BY_SPEED = ("minimal", "save_attention", "layer")  # least recomputation first
+
+
+def choose_remat(c: ModelConfig, mesh: MeshShape, budget: float, **activation_kwargs) -> str:
+    """The remat policy of least recomputation whose update peak fits `budget` bytes per device
+    ("layer", the smallest, when none does)."""
+    for policy in REMAT_BY_SPEED:
+        cfg = dataclasses.replace(c, remat=policy)
+        if update_peak_bytes(cfg, mesh, **activation_kwargs) <= budget:
+            return policy
+    return REMAT_BY_SPEED[-1]
 
 
 def kv_cache_bytes_per_sequence(c: ModelConfig, mesh: MeshShape, seq_len: int) -> float:

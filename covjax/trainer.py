@@ -38,7 +38,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from covjax import checkpointing, entropy_check, multihost, sharding, train_step
+from covjax import checkpointing, entropy_check, memory, multihost, sharding, train_step
 from covjax import config as config_lib
 from covjax import metrics as names
 from covjax.metrics import (
@@ -106,20 +106,45 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
         return _train(config, workdir, mesh, model, task, manager, latest)
 
 
+def remat_policy(config, mesh, model_cfg) -> str:
+    """config.model.remat; "auto": the policy of least recomputation whose update fits this
+    device's memory by covjax.memory's model for the mesh ("layer" where the device does not
+    report its memory, as the CPU)."""
+    if config.model.remat != "auto":
+        return config.model.remat
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    if limit is None:
+        return "layer"
+    shape = memory.MeshShape(**{axis: mesh.shape[axis] for axis in ("data", "fsdp", "tensor")})
+    policy = memory.choose_remat(
+        model_cfg.replace(compute_dtype=config.model.compute_dtype), shape, limit,
+        micro_batch=max(config.train.micro_batch_size // (shape.data * shape.fsdp), 1),
+        seq_len=config.data.max_prompt_length + config.rollout.max_new_tokens - 1,
+        response_len=config.rollout.max_new_tokens,
+        logits_chunk=config.train.logprob_chunk_size,
+        fused_attention=jax.default_backend() == "gpu",
+    )
+    logging.info("model.remat auto: %s", policy)
+    return policy
+
+
 def build_model(config, mesh) -> Transformer:
     """A local Hugging Face folder, loaded onto `mesh`; or the toy's fresh tiny model, on this
     process's default device (the trainer warm-starts, then shards it)."""
     m = config.model
     if config.data.task == "toy":
         model_cfg = toy_ws.model_config(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype)
-        model_cfg = model_cfg.replace(remat=m.remat, scan_layers=m.scan_layers)
+        model_cfg = model_cfg.replace(
+            remat=remat_policy(config, mesh, model_cfg), scan_layers=m.scan_layers
+        )
         return Transformer(model_cfg, rngs=nnx.Rngs(config.seed))
+    path = os.path.expanduser(m.path)
     return from_pretrained(
-        os.path.expanduser(m.path),
+        path,
         dtype=jnp.dtype(m.param_dtype),
         mesh=mesh,
         compute_dtype=m.compute_dtype,
-        remat=m.remat,
+        remat=remat_policy(config, mesh, check_pretrained(path)),
         scan_layers=m.scan_layers,
     )
 

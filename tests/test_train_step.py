@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from helpers import ragged_update_batch, recipes
 
-from covjax import losses, sharding, train_step
+from covjax import losses, memory, sharding, train_step, trainer
 from covjax.model import Transformer
 from covjax.tasks import toy_warm_start as toy_ws
 
@@ -241,3 +241,31 @@ def test_remat_policies_change_nothing(model):
         for g, ref_g in zip(jax.tree.leaves(grads(policy)), ref, strict=True):
             scale = np.abs(ref_g).max()  # recomputed sums round differently: compared at scale
             np.testing.assert_allclose(g, ref_g, rtol=0, atol=1e-4 * scale, err_msg=policy)
+
+
+def test_auto_remat_is_the_least_recomputation_that_fits():
+    """covjax.memory's saved activations per policy (closed form for Qwen2.5-7B: 28 layers,
+    d = 3584, 28 + 4 + 4 heads of 128, 2 rows x 10239 tokens per device, bf16) and the choice:
+    "minimal" fits 8 x H100-80GB and 8 x H200 at the 7B recipe's micro-batch; a budget below its
+    peak falls back; the CPU (no memory figure) takes "layer"."""
+    mesh = memory.MeshShape(fsdp=8)
+    act = dict(micro_batch=2, seq_len=2048 + 8192 - 1, response_len=8192)
+    tokens_bytes = 28 * 2 * 10239 * 2
+    saved = {"layer": 3584, "save_attention": 3584 + 28 * 128,
+             "minimal": 2 * 3584 + (28 + 8) * 128 + 28 * 128}
+    peaks = {}
+    for policy, per_token in saved.items():
+        cfg = dataclasses.replace(memory.QWEN2_5_7B, remat=policy)
+        assert memory.activation_bytes(cfg, mesh, **act)["layer_inputs"] == tokens_bytes * per_token
+        peaks[policy] = memory.update_peak_bytes(cfg, mesh, **act)
+    for hbm_gb in (80, 141):  # H100, H200; 10% kept free as the memory model's tables do
+        assert memory.choose_remat(memory.QWEN2_5_7B, mesh, 0.9 * hbm_gb * memory.GB, **act) == (
+            "minimal"
+        )
+        assert peaks["minimal"] <= 0.9 * hbm_gb * memory.GB
+    below = peaks["minimal"] - 1
+    assert memory.choose_remat(memory.QWEN2_5_7B, mesh, below, **act) == "save_attention"
+    assert memory.choose_remat(memory.QWEN2_5_7B, mesh, 1.0, **act) == "layer"
+    config = recipes().paper_recipe("7b", "clip_cov")
+    assert config.model.remat == "auto"
+    assert trainer.remat_policy(config, None, memory.QWEN2_5_7B) == "layer"  # CPU
