@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
         all_tokens = int(host["attention_mask"].sum()) + num_rows  # + the last target
 
         b_sharding = train_step.batch_shardings(host, mesh)
-        lp_keys = ("input_ids", "positions", "attention_mask", "targets")
+        lp_keys = ("input_ids", "positions", "attention_mask", "targets", "mask")
         logprob_fn = train_step.compile_logprobs(
             graphdef=graphdef, rest=rest, cfg=cfg, param_sharding=p_sharding,
             batch_sharding={k: b_sharding[k] for k in lp_keys}, mesh=mesh,
@@ -156,15 +156,15 @@ def main(argv=None) -> dict:
             graphdef=graphdef, rest=rest, tx=tx, schedule=schedule, cfg=cfg,
             state_sharding=s_sharding, batch_sharding=mb_sharding, mesh=mesh,
         )
-        (state, _), _ = timed(update_fn, state, mbs[0], jax.random.key(1))  # compile
 
-        def all_updates(state):
+        def all_updates(state):  # the first mini-batch selects on old_logp, as the trainer
             metrics = []
             for i, mb in enumerate(mbs):
-                state, m = update_fn(state, mb, jax.random.key(2 + i))
+                state, m = update_fn(state, mb, jax.random.key(2 + i), logp_is_old=i == 0)
                 metrics.append(m)
             return state, metrics
 
+        (state, _), _ = timed(all_updates, state)  # compiles every micro-batch length
         (state, metrics), results["update_s"] = timed(all_updates, state)
 
     peak, where = peak_memory_bytes()
