@@ -58,7 +58,7 @@ from jax.sharding import PartitionSpec as P
 from covjax.model import ModelConfig, init_cache
 from covjax.model.config import DTYPES
 from covjax.multihost import host_gather
-from covjax.sharding import data_sharding
+from covjax.sharding import LOGICAL_RULES, data_sharding, logical_to_spec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -68,6 +68,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BATCH_AXES = ("data", "fsdp")
+# Decoding reads every weight at every token: they are gathered over fsdp once per generate call.
+DECODE_RULES = tuple((name, None if axes == "fsdp" else axes) for name, axes in LOGICAL_RULES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +243,8 @@ class _Static:
     max_new_tokens: int
     mode: SamplingMode
     compute_dtype: str
+    slots: int
+    prefill_rows: int
 
 
 class Sampler:
@@ -272,7 +276,9 @@ class Sampler:
         compute_dtype: Any = None,
         length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
         batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
-        compact_min_batch: int = 0,
+        slots: int | None = None,
+        prefill_rows: int | None = None,
+        max_prompt_length: int | None = None,
     ):
         self.model = model
         self.config = model.config
@@ -283,10 +289,14 @@ class Sampler:
             raise ValueError(f"compute_dtype must be one of {DTYPES}, got {compute_dtype!r}")
         self.length_buckets = _check_buckets("length_buckets", length_buckets)
         self.batch_buckets = _check_buckets("batch_buckets", batch_buckets)
-        if int(compact_min_batch) != compact_min_batch or compact_min_batch < 0:
-            raise ValueError(f"compact_min_batch must be an int >= 0, got {compact_min_batch}")
-        self.compact_min_batch = int(compact_min_batch)
+        for name, value in dict(
+            slots=slots, prefill_rows=prefill_rows, max_prompt_length=max_prompt_length
+        ).items():
+            if value is not None and not _is_int(value, 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
+        self.slots, self.prefill_rows, self.max_prompt_length = slots, prefill_rows, max_prompt_length
         self.num_compilations = 0
+        self.last_decode_steps = 0
         self._graphdef = None
         self._generate_fn = None
         if mesh is not None:
@@ -321,6 +331,11 @@ class Sampler:
         num_rows = len(prompts) * n
         prompt_len = _bucket(max(len(p) for p in prompts), self.length_buckets)
         batch = _bucket(num_rows, self.batch_buckets, self._batch_shards)
+        shards = self._batch_shards
+        slots = batch if self.slots is None else min(shards * math.ceil(self.slots / shards), batch)
+        prefill_rows = min(self.prefill_rows or max(1, slots // 8), slots)
+        if slots == batch:  # a static batch: every row is prefilled at once
+            prefill_rows = slots
 
         ids = np.full((batch, prompt_len), pad_id, np.int32)
         mask = np.zeros((batch, prompt_len), bool)
@@ -337,7 +352,7 @@ class Sampler:
             else int(params.top_k),
             use_top_p=temperature != 0 and params.top_p < 1.0,
         )
-        static = _Static(int(max_new_tokens), mode, self.compute_dtype)
+        static = _Static(int(max_new_tokens), mode, self.compute_dtype, slots, prefill_rows)
         graphdef, state = nnx.split(self.model)
         fn = self._compiled(graphdef)
         args = (ids, mask, row_budget)
@@ -357,7 +372,8 @@ class Sampler:
                 pad_id,
             )
         # every process gets all rows (an all-gather when the mesh spans several processes)
-        resp_tokens, resp_logp, lengths, stopped = host_gather(out)
+        resp_tokens, resp_logp, lengths, stopped, steps = host_gather(out)
+        self.last_decode_steps = int(steps)
         return _assemble(
             ids[:num_rows],
             mask[:num_rows],
@@ -390,6 +406,11 @@ class Sampler:
         for i, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"prompts[{i}] is empty")
+            if self.max_prompt_length is not None and len(prompt) > self.max_prompt_length:
+                raise ValueError(
+                    f"prompts[{i}] has {len(prompt)} tokens: longer than max_prompt_length="
+                    f"{self.max_prompt_length}"
+                )
             if len(prompt) > context - max_new_tokens:
                 raise ValueError(
                     f"prompts[{i}] has {len(prompt)} tokens: longer than the model's context "
@@ -433,122 +454,147 @@ class Sampler:
         top_p: jax.Array,
         pad_id: int,
     ):
-        """Traced once per compiled program: prefill + while_loop decode (module docstring)."""
+        """Traced once per compiled program: the slot pool's loop (module docstring)."""
         self.num_compilations += 1
-        batch, prompt_len = prompt_ids.shape
+        num_rows, prompt_len = prompt_ids.shape
+        slots, prefill_rows, num_new = static.slots, static.prefill_rows, static.max_new_tokens
         logger.info(
-            "covjax.sampler: compiling generate #%d: batch=%d prompt_len=%d max_new_tokens=%d "
-            "%s dtype=%s",
-            self.num_compilations,
-            batch,
-            prompt_len,
-            static.max_new_tokens,
-            static.mode,
-            static.compute_dtype,
-        )
-        chex.assert_shape([prompt_mask], (batch, prompt_len))
-        chex.assert_shape([budgets], (batch,))
+            "covjax.sampler: compiling generate #%d: rows=%d slots=%d prefill_rows=%d "
+            "prompt_len=%d max_new_tokens=%d %s dtype=%s",
+            self.num_compilations, num_rows, slots, prefill_rows, prompt_len, num_new,
+            static.mode, static.compute_dtype,
+        )  # fmt: skip
+        chex.assert_shape([prompt_mask], (num_rows, prompt_len))
+        chex.assert_shape([budgets], (num_rows,))
         dtype = jnp.dtype(static.compute_dtype)
         model = _with_compute_dtype(nnx.merge(graphdef, _cast_floats(state, dtype)), dtype)
-        num_new = static.max_new_tokens
+        self._lay_out_for_decoding(model)
         positions = jnp.maximum(jnp.cumsum(prompt_mask, -1, dtype=jnp.int32) - 1, 0)
-        cache = init_cache(self.config, batch, prompt_len + num_new, dtype)
-        cache = self._constrain_cache(cache)
-        if prompt_len > 1:
-            _, cache = model(
-                prompt_ids[:, :-1],
-                positions[:, :-1],
-                attention_mask=prompt_mask[:, :-1],
-                cache=cache,
-            )
-        # Per-row decode state; `row` is the row's index in the padded batch (its results' row).
-        rows = dict(
-            cache=cache,
-            token=prompt_ids[:, -1],
-            position=positions[:, -1],
-            length=jnp.zeros((batch,), jnp.int32),
-            stopped=jnp.zeros((batch,), bool),
-            done=budgets <= 0,
-            budget=budgets,
-            row=jnp.arange(batch, dtype=jnp.int32),
+        num_real = jnp.sum(budgets > 0)  # the padding rows (budget 0) are last and never admitted
+        cache = init_cache(self.config, slots, prompt_len + num_new, dtype)
+        pool = dict(
+            cache=self._constrain_cache(
+                dataclasses.replace(cache, index=jnp.zeros((slots,), jnp.int32))
+            ),
+            row=jnp.full((slots,), num_rows, jnp.int32),  # num_rows: an empty slot
+            token=jnp.full((slots,), pad_id, jnp.int32),
+            position=jnp.zeros((slots,), jnp.int32),
+            length=jnp.zeros((slots,), jnp.int32),
+            budget=jnp.zeros((slots,), jnp.int32),
+            done=jnp.ones((slots,), bool),
+            next_row=jnp.int32(0),
+            steps=jnp.int32(0),
         )
         out = dict(
-            tokens=jnp.full((batch, num_new), pad_id, jnp.int32),
-            logprobs=jnp.zeros((batch, num_new), jnp.float32),
-            length=jnp.zeros((batch,), jnp.int32),
-            stopped=jnp.zeros((batch,), bool),
+            tokens=jnp.full((num_rows, num_new), pad_id, jnp.int32),
+            logprobs=jnp.zeros((num_rows, num_new), jnp.float32),
+            length=jnp.zeros((num_rows,), jnp.int32),
+            stopped=jnp.zeros((num_rows,), bool),
         )
 
-        def body(carry):
-            step, r, o = carry
-            logits, cache = model(
-                r["token"][:, None],
-                r["position"][:, None],
-                attention_mask=jnp.ones((r["token"].shape[0], 1), bool),
-                cache=r["cache"],
+        def can_admit(p):
+            waiting = num_real - p["next_row"]
+            return (waiting > 0) & (jnp.sum(p["done"]) >= jnp.minimum(prefill_rows, waiting))
+
+        def admit(p):
+            """Prefills the next `prefill_rows` waiting rows (their prompts alone, causal) and
+            writes their keys/values and decode state into the first free slots."""
+            rows = p["next_row"] + jnp.arange(prefill_rows, dtype=jnp.int32)
+            valid = rows < num_real
+            rows = jnp.where(valid, rows, num_rows - 1)
+            ids, mask, pos = prompt_ids[rows], prompt_mask[rows], positions[rows]
+            free_slots = jnp.argsort(~p["done"], stable=True)[:prefill_rows]
+            target = jnp.where(valid, free_slots, slots)  # out of range: dropped
+            cache = p["cache"]
+            key_mask = jnp.zeros((prefill_rows, cache.key_mask.shape[1]), bool)
+            k, v = cache.k, cache.v
+            if prompt_len > 1:
+                fresh = init_cache(self.config, prefill_rows, prompt_len - 1, dtype)
+                _, fresh = model(
+                    ids[:, :-1], pos[:, :-1], attention_mask=mask[:, :-1], cache=fresh
+                )
+                k = k.at[:, target, : prompt_len - 1].set(fresh.k, mode="drop")
+                v = v.at[:, target, : prompt_len - 1].set(fresh.v, mode="drop")
+                key_mask = key_mask.at[:, : prompt_len - 1].set(mask[:, :-1])
+            cache = dataclasses.replace(
+                cache, k=k, v=v, key_mask=cache.key_mask.at[target].set(key_mask, mode="drop")
             )
-            keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(rng, step), r["row"])
+
+            def put(name, value):
+                return p[name].at[target].set(value, mode="drop")
+
+            return p | dict(
+                cache=self._constrain_cache(cache),
+                row=put("row", rows),
+                token=put("token", ids[:, -1]),
+                position=put("position", pos[:, -1]),
+                length=put("length", 0),
+                budget=put("budget", budgets[rows]),
+                done=put("done", False),
+                next_row=p["next_row"] + jnp.sum(valid, dtype=jnp.int32),
+            )
+
+        def decode(p, o):
+            """One token for every slot; a row's randomness is fold_in(fold_in(rng, t), row)."""
+            cache = dataclasses.replace(p["cache"], index=prompt_len - 1 + p["length"])
+            logits, cache = model(
+                p["token"][:, None],
+                p["position"][:, None],
+                attention_mask=jnp.ones((slots, 1), bool),
+                cache=cache,
+            )
+            keys = jax.vmap(lambda t, r: jax.random.fold_in(jax.random.fold_in(rng, t), r))(
+                p["length"], p["row"]
+            )
             token, logp = sample_tokens(logits[:, -1], keys, temperature, top_p, static.mode)
-            active = ~r["done"]
+            active = ~p["done"]
             token = jnp.where(active, token, pad_id)
-            logp = jnp.where(active, logp, 0.0)
-            length = r["length"] + active
+            row = jnp.where(active, p["row"], num_rows)  # out of range: dropped
+            length = p["length"] + active
             hit_stop = active & jnp.any(token[:, None] == stop_ids[None, :], -1)
-            r = r | dict(
+            o = o | dict(
+                tokens=o["tokens"].at[row, p["length"]].set(token, mode="drop"),
+                logprobs=o["logprobs"].at[row, p["length"]].set(logp, mode="drop"),
+                length=o["length"].at[row].set(length, mode="drop"),
+                stopped=o["stopped"].at[row].set(hit_stop, mode="drop"),
+            )
+            p = p | dict(
                 cache=cache,
                 token=token,
-                position=r["position"] + 1,
+                position=p["position"] + 1,
                 length=length,
-                stopped=r["stopped"] | hit_stop,
-                done=r["done"] | hit_stop | (length >= r["budget"]),
+                done=p["done"] | hit_stop | (length >= p["budget"]),
+                steps=p["steps"] + 1,
             )
-            o = o | dict(
-                tokens=o["tokens"].at[r["row"], step].set(token),
-                logprobs=o["logprobs"].at[r["row"], step].set(logp),
-            )
-            return step + 1, r, o
+            return p, o
 
-        step = jnp.int32(0)
-        sizes = self._stage_batches(batch)
-        for stage, size in enumerate(sizes):
-            if stage:  # keep the `size` rows that are still active (plus finished filler rows)
-                rows = self._compact(rows, jnp.argsort(rows["done"], stable=True)[:size])
-            next_size = sizes[stage + 1] if stage + 1 < len(sizes) else 0
+        def body(carry):
+            p, o = carry
+            return decode(jax.lax.while_loop(can_admit, admit, p), o)
 
-            def cond(carry, next_size=next_size):
-                active = jnp.sum(~carry[1]["done"])
-                return (carry[0] < num_new) & (active > next_size)
+        def cond(carry):
+            p = carry[0]
+            return jnp.any(~p["done"]) | (p["next_row"] < num_real)
 
-            step, rows, out = jax.lax.while_loop(cond, body, (step, rows, out))
-            out = out | dict(
-                length=out["length"].at[rows["row"]].set(rows["length"]),
-                stopped=out["stopped"].at[rows["row"]].set(rows["stopped"]),
-            )
-        return out["tokens"], out["logprobs"], out["length"], out["stopped"]
+        pool, out = jax.lax.while_loop(cond, body, (pool, out))
+        return out["tokens"], out["logprobs"], out["length"], out["stopped"], pool["steps"]
 
-    def _stage_batches(self, batch: int) -> tuple[int, ...]:
-        """Batch sizes of the decode stages: halve while >= compact_min_batch (off: one stage)."""
-        sizes = [batch]
-        if self.compact_min_batch:
-            while (
-                sizes[-1] % 2 == 0
-                and sizes[-1] // 2 >= self.compact_min_batch
-                and (sizes[-1] // 2) % self._batch_shards == 0
-            ):
-                sizes.append(sizes[-1] // 2)
-        return tuple(sizes)
-
-    def _compact(self, rows: dict, keep: jax.Array) -> dict:
-        """Gathers the per-row decode state (and each row's KV cache) of rows `keep`."""
-        cache = rows["cache"]
-        cache = dataclasses.replace(
-            cache, k=cache.k[:, keep], v=cache.v[:, keep], key_mask=cache.key_mask[keep]
-        )
-        rest = {k: v[keep] for k, v in rows.items() if k != "cache"}
-        return rest | dict(cache=self._constrain_cache(cache))
+    def _lay_out_for_decoding(self, model: nnx.Module) -> None:
+        """Gathers the weights' fsdp shards once, before the loop (each stays split over the
+        tensor axis), so that no decode step all-gathers a weight."""
+        if self.mesh is None:
+            return
+        for _, var in nnx.iter_graph(model):
+            if isinstance(var, nnx.Param):
+                value = var.get_value()
+                spec = logical_to_spec(
+                    var.get_metadata()["logical_axes"], value.shape, dict(self.mesh.shape),
+                    DECODE_RULES,
+                )  # fmt: skip
+                var.set_value(jax.lax.with_sharding_constraint(value, NamedSharding(self.mesh, spec)))
 
     def _constrain_cache(self, cache):
-        """Shards the KV cache's batch dimension like the batch (k, v: [L, B, S, H, D])."""
+        """Shards the KV cache's slot dimension like the batch (k, v: [L, slots, S, H, D])."""
         if self.mesh is None:
             return cache
         free = P.UNCONSTRAINED

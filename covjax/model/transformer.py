@@ -52,7 +52,8 @@ class KVCache:
     """Keys/values of all layers for incremental decoding; the sampler owns it.
 
     k, v: [L, B, S, Hkv, Dh] in the compute dtype; key_mask [B, S] (True = a real token was
-    written there); index: next slot to write, shared by all rows.
+    written there); index: next slot to write, shared by all rows ([]) or per row ([B], the
+    sampler's slot pool, whose rows are at different lengths).
     """
 
     k: jax.Array
@@ -176,6 +177,22 @@ def causal_attention_even(
     return out[:, :length]
 
 
+def _write_slots(cache: jax.Array, new: jax.Array, layer, index: jax.Array) -> jax.Array:
+    """Writes new [B, T, H, D] into cache [L, B, S, H, D] at (layer, b, index[b]) for every row.
+
+    A shared index is one dynamic_update_slice; a per-row one a batched one (a scatter). Either
+    updates the cache in place inside a loop.
+    """
+    new = new[None].astype(cache.dtype)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(cache, new, (layer, 0, index, 0, 0))
+    row_update = jax.vmap(
+        lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (layer, i, 0, 0)), in_axes=(1, 1, 0),
+        out_axes=1,
+    )
+    return row_update(cache, new, index)
+
+
 class Block(nnx.Module):
     """One pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -241,9 +258,7 @@ class Block(nnx.Module):
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
         new_kv = None
         if kv is not None:
-            start = (layer, 0, index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(kv[0], k[None].astype(kv[0].dtype), start)
-            v_all = jax.lax.dynamic_update_slice(kv[1], v[None].astype(kv[1].dtype), start)
+            k_all, v_all = (_write_slots(a, new, layer, index) for a, new in zip(kv, (k, v)))
             new_kv = (k_all, v_all)
             k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False).astype(q.dtype)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False).astype(q.dtype)
@@ -383,7 +398,7 @@ class Transformer(nnx.Module):
             chex.assert_shape(attention_mask, (b, t))
             attention_mask = attention_mask.astype(bool)
         if positions is None:
-            start = 0 if cache is None else cache.index
+            start = 0 if cache is None else jnp.reshape(cache.index, (-1, 1))
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         chex.assert_shape(positions, (b, t))
 
@@ -404,10 +419,12 @@ class Transformer(nnx.Module):
             if cache.k.shape[1] != b:
                 raise ValueError(f"cache batch {cache.k.shape[1]} != input batch {b}")
             real = jnp.ones((b, t), bool) if attention_mask is None else attention_mask
-            key_mask = jax.lax.dynamic_update_slice(cache.key_mask, real, (0, cache.index))
+            key_mask = _write_slots(cache.key_mask[None, ..., None, None], real[..., None, None],
+                                    0, cache.index)[0, ..., 0, 0]
             slots = jnp.arange(cache.k.shape[2])
-            visible = slots[None, :] <= cache.index + jnp.arange(t)[:, None]
-            mask = (visible[None] & key_mask[:, None, :])[:, None]
+            last = jnp.reshape(cache.index, (-1, 1, 1)) + jnp.arange(t)[None, :, None]
+            mask = (slots[None, None, :] <= last) & key_mask[:, None, :]
+            mask = mask[:, None]
             masks = (mask, jnp.any(mask[:, 0], axis=-1))
             kv = (cache.k, cache.v)
 
