@@ -6,13 +6,17 @@ The flow of `Sampler.generate`:
    (responses of prompt i are rows i*n .. i*n+n-1) and pad the batch to a batch bucket B with
    dummy rows whose token budget is 0 (they are done from the start and dropped from the result).
 2. Device, one `jax.jit` program per (B, P, R = max_new_tokens, sampling mode, number of stop
-   ids), counted in `Sampler.num_compilations` and logged when traced:
-   prefill the first P-1 prompt columns into a preallocated KV cache of P + R slots (their logits
-   are never used, so XLA drops the unembedding), then `lax.while_loop` over response steps: feed
-   the last token, sample the next one, write it into a [B, R] buffer. The loop ends when every row
-   has sampled a stop token or used its budget, with no host round trip per token; the cache is
-   a loop carry, updated in place. Finished rows keep their place in the batch (static shapes);
-   with `compact_min_batch` the program continues with half the batch once half the rows are done.
+   ids, pool size S, prefill rows K), counted in `Sampler.num_compilations` and logged when
+   traced: a slot pool with continuous batching. S decode slots each hold one row's KV cache of
+   P + R positions. A `lax.while_loop` runs until every row is done; each iteration first
+   admits waiting rows while at least min(K, rows waiting) slots are free (K rows prefilled
+   over their P - 1 first prompt columns alone, causally, so the attention scores are
+   [K, heads, P - 1, P - 1] whatever R; their keys/values written into the free slots), then
+   decodes one token in every slot: feed the slot's last token, sample the next, write it into
+   the row's line of a [B, R] buffer. A row ends at a stop token or its budget and frees its
+   slot. With S = B (the default, `slots=None`) every row is admitted at once: a static batch.
+   No host round trip per token; the cache is a loop carry, updated in place. The weights are
+   cast and gathered over fsdp once, before the loop (`DECODE_RULES`), not at every token.
 3. Host: one transfer of the [B, R] results (an all-gather when the mesh spans several
    processes: every process gets every row), assembled into a `Rollout` of numpy arrays.
 
@@ -32,8 +36,9 @@ and reports its log-softmax under the raw logits (temperature 1): the model's ow
 of the chosen token, which is what a training forward recomputes, rather than the degenerate 0 of
 a point mass.
 
-Randomness is drawn per row from fold_in(fold_in(rng, step), row): a row's sample depends only
-on the key, its row index and its tokens, not on the batch bucket, the padding or the sharding.
+Randomness is drawn per row from fold_in(fold_in(rng, t), row) for its response token t: a row's
+sample depends only on the key, its row index and its tokens, not on its slot, the pool size, the
+order in which rows finish, the batch bucket, the padding or the sharding.
 """
 
 from __future__ import annotations
@@ -255,17 +260,20 @@ class Sampler:
         covjax.model.Transformer). Its state is read on every `generate`, so in-place updates by
         the trainer are always seen.
       mesh: optional device mesh with axes ("data", "fsdp", ...): the batch is sharded over
-        ("data", "fsdp") and the parameters stay where they are.
+        ("data", "fsdp"); the parameters stay where they are and are gathered over fsdp inside
+        the program, once per call.
       compute_dtype: dtype of the sampling weights, activations and KV cache (default: the model
         config's compute_dtype). Weights are cast inside the program.
       length_buckets: padded prompt lengths; a longer prompt pads to a multiple of the largest.
       batch_buckets: padded batch sizes (len(prompts) * n rounds up to one), rounded up to a
         multiple of the number of batch shards.
-      compact_min_batch: 0 (default) decodes the whole batch until every row is done. > 0: once
-        at most half of the rows are active, the active rows and their KV cache are gathered
-        into a batch of half the size (repeatedly, down to compact_min_batch), so the long tail
-        of a few long responses stops paying for the finished rows. Results are unchanged
-        (randomness is per row); each stage adds a decode loop to the compiled program.
+      slots: decode slots of the pool over the whole mesh (rounded up to a multiple of the
+        batch shards, capped at B); None: one per row, a static batch.
+      prefill_rows: rows prefilled together when slots free up (default slots // 8, at least 1).
+      max_prompt_length: prompts longer than this are refused before compiling (None: only the
+        model's context bounds them).
+    After each `generate`, `last_decode_steps` is the number of decode steps the pool ran
+    (slot-steps = last_decode_steps x slots).
     """
 
     def __init__(
@@ -294,7 +302,8 @@ class Sampler:
         ).items():
             if value is not None and not _is_int(value, 1):
                 raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
-        self.slots, self.prefill_rows, self.max_prompt_length = slots, prefill_rows, max_prompt_length
+        self.slots, self.prefill_rows = slots, prefill_rows
+        self.max_prompt_length = max_prompt_length
         self.num_compilations = 0
         self.last_decode_steps = 0
         self._graphdef = None
@@ -327,16 +336,9 @@ class Sampler:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         budgets = self._validate(prompts, params, rng, budgets, pad_id)
-        n, max_new_tokens, temperature = params.n, params.max_new_tokens, params.temperature
-        num_rows = len(prompts) * n
+        n, num_rows = params.n, len(prompts) * params.n
         prompt_len = _bucket(max(len(p) for p in prompts), self.length_buckets)
         batch = _bucket(num_rows, self.batch_buckets, self._batch_shards)
-        shards = self._batch_shards
-        slots = batch if self.slots is None else min(shards * math.ceil(self.slots / shards), batch)
-        prefill_rows = min(self.prefill_rows or max(1, slots // 8), slots)
-        if slots == batch:  # a static batch: every row is prefilled at once
-            prefill_rows = slots
-
         ids = np.full((batch, prompt_len), pad_id, np.int32)
         mask = np.zeros((batch, prompt_len), bool)
         for row in range(batch):
@@ -345,32 +347,12 @@ class Sampler:
             mask[row, prompt_len - len(prompt) :] = True
         row_budget = np.zeros((batch,), np.int32)
         row_budget[:num_rows] = budgets
-
-        mode = SamplingMode(
-            greedy=temperature == 0,
-            top_k=0 if temperature == 0 or params.top_k >= self.config.vocab_size
-            else int(params.top_k),
-            use_top_p=temperature != 0 and params.top_p < 1.0,
-        )
-        static = _Static(int(max_new_tokens), mode, self.compute_dtype, slots, prefill_rows)
-        graphdef, state = nnx.split(self.model)
-        fn = self._compiled(graphdef)
         args = (ids, mask, row_budget)
-        mesh_context = contextlib.nullcontext()
         if self.mesh is not None:
             args = tuple(jax.device_put(a, data_sharding(self.mesh, a.ndim)) for a in args)
-            mesh_context = jax.set_mesh(self.mesh)
-        with mesh_context:
-            out = fn(
-                static,
-                state,
-                *args,
-                jnp.asarray(sorted(set(params.stop_token_ids)), jnp.int32),
-                rng,
-                jnp.float32(max(temperature, 1e-6)),
-                jnp.float32(params.top_p),
-                pad_id,
-            )
+        fn, static, state, rest = self._program(batch, params, rng, pad_id)
+        with self._mesh_context():
+            out = fn(static, state, *args, *rest, pad_id)
         # every process gets all rows (an all-gather when the mesh spans several processes)
         resp_tokens, resp_logp, lengths, stopped, steps = host_gather(out)
         self.last_decode_steps = int(steps)
@@ -385,7 +367,56 @@ class Sampler:
             pad_id,
         )
 
+    def lower(self, num_rows: int, prompt_len: int, params: SamplingParams) -> jax.stages.Lowered:
+        """The generate program for `num_rows` rows (padded to a batch bucket) of `prompt_len`
+        prompt columns, lowered from abstract arrays, nothing allocated: for
+        `.compile().memory_analysis()` and for reading its HLO. The model may be abstract
+        (`nnx.eval_shape`) with shardings on its leaves."""
+        batch = _bucket(num_rows, self.batch_buckets, self._batch_shards)
+        sharding = None if self.mesh is None else data_sharding(self.mesh, 2)
+        row_sharding = None if self.mesh is None else data_sharding(self.mesh, 1)
+        args = (
+            jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=sharding),
+            jax.ShapeDtypeStruct((batch, prompt_len), jnp.bool_, sharding=sharding),
+            jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=row_sharding),
+        )
+        fn, static, state, rest = self._program(batch, params, jax.random.key(0), 0)
+        state = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+            state,
+        )
+        with self._mesh_context():
+            return fn.lower(static, state, *args, *rest, 0)
+
     # ------------------------------------------------------------------ internals
+
+    def _program(self, batch: int, params: SamplingParams, rng: jax.Array, pad_id: int):
+        """(jitted fn, its static part, the live weights, the arguments after the prompt arrays)
+        for a padded batch of `batch` rows: the pool is `slots` of them (all when None)."""
+        shards, temperature = self._batch_shards, params.temperature
+        slots = batch if self.slots is None else min(shards * math.ceil(self.slots / shards), batch)
+        prefill_rows = min(self.prefill_rows or max(1, slots // 8), slots)
+        if slots == batch:  # a static batch: every row is prefilled at once
+            prefill_rows = slots
+        mode = SamplingMode(
+            greedy=temperature == 0,
+            top_k=0
+            if temperature == 0 or params.top_k >= self.config.vocab_size
+            else int(params.top_k),
+            use_top_p=temperature != 0 and params.top_p < 1.0,
+        )
+        static = _Static(int(params.max_new_tokens), mode, self.compute_dtype, slots, prefill_rows)
+        graphdef, state = nnx.split(self.model)
+        rest = (
+            jnp.asarray(sorted(set(params.stop_token_ids)), jnp.int32),
+            rng,
+            jnp.float32(max(temperature, 1e-6)),
+            jnp.float32(params.top_p),
+        )
+        return self._compiled(graphdef), static, state, rest
+
+    def _mesh_context(self):
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     def _validate(self, prompts, params: SamplingParams, rng, budgets, pad_id) -> np.ndarray:
         """Raises ValueError naming the bad argument; returns the per-row budgets [N]."""
@@ -510,9 +541,7 @@ class Sampler:
             k, v = cache.k, cache.v
             if prompt_len > 1:
                 fresh = init_cache(self.config, prefill_rows, prompt_len - 1, dtype)
-                _, fresh = model(
-                    ids[:, :-1], pos[:, :-1], attention_mask=mask[:, :-1], cache=fresh
-                )
+                _, fresh = model(ids[:, :-1], pos[:, :-1], attention_mask=mask[:, :-1], cache=fresh)
                 k = k.at[:, target, : prompt_len - 1].set(fresh.k, mode="drop")
                 v = v.at[:, target, : prompt_len - 1].set(fresh.v, mode="drop")
                 key_mask = key_mask.at[:, : prompt_len - 1].set(mask[:, :-1])
@@ -591,7 +620,8 @@ class Sampler:
                     var.get_metadata()["logical_axes"], value.shape, dict(self.mesh.shape),
                     DECODE_RULES,
                 )  # fmt: skip
-                var.set_value(jax.lax.with_sharding_constraint(value, NamedSharding(self.mesh, spec)))
+                sharding = NamedSharding(self.mesh, spec)
+                var.set_value(jax.lax.with_sharding_constraint(value, sharding))
 
     def _constrain_cache(self, cache):
         """Shards the KV cache's slot dimension like the batch (k, v: [L, slots, S, H, D])."""

@@ -6,6 +6,7 @@ NumPy float64 (chi-square goodness of fit, scipy), and the training forward of c
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -275,30 +276,103 @@ def test_stop_tokens_end_sequences_and_mask_the_rest(stop_rollout):
         )
 
 
-def test_compaction_leaves_results_unchanged(qwen, qwen_sampler):
-    prompts, budgets = _prompts([6, 13], seed=8), [16, 3, 16, 5, 2, 16, 7, 1]
-    ref = qwen_sampler.generate(prompts, budgets=budgets, **STOP_CASE)
-    sampler = Sampler(qwen[0], length_buckets=(16,), batch_buckets=(8,), compact_min_batch=4)
-    assert sampler._stage_batches(8) == (8, 4)
-    rollout = sampler.generate(prompts, budgets=budgets, **STOP_CASE)
-    # At most 4 rows were active before the last one finished: the half-size stage ran.
-    assert np.sort(ref.lengths)[-5] < ref.lengths.max()
-    assert (ref.lengths <= budgets).all()
-    for field in ("tokens", "logprobs", "lengths", "stopped", "attention_mask", "response_mask"):
-        np.testing.assert_array_equal(getattr(rollout, field), getattr(ref, field))
+POOL_PROMPTS = _prompts([2, 15, 7, 11, 3, 14, 9, 5], seed=8)
+POOL_BUDGETS = [1, 16, 2, 3, 16, 1, 12, 2, 5, 16, 1, 4, 16, 2, 7, 1]  # 8 prompts x n=2 rows
 
 
-def test_sharded_generation_equals_unsharded(hf_models):
-    path, _ = hf_models["llama"]
-    prompts = _prompts([5, 11], seed=10)
-    params = SamplingParams(max_new_tokens=8, temperature=1.0, n=4)
-    kwargs = dict(params=params, rng=jax.random.key(11))
-    ref = Sampler(from_pretrained(path, dtype=jnp.float32)).generate(prompts, **kwargs)
-    mesh = make_mesh(data=2, fsdp=4)
-    model = shard_model(from_pretrained(path, dtype=jnp.float32), mesh)
-    out = Sampler(model, mesh=mesh).generate(prompts, **kwargs)
-    np.testing.assert_array_equal(out.tokens, ref.tokens)
-    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+def _pool_case(temperature):
+    params = SamplingParams(
+        max_new_tokens=16, temperature=temperature, n=2, stop_token_ids=STOP_IDS
+    )
+    return dict(params=params, budgets=POOL_BUDGETS, rng=jax.random.key(9))
+
+
+def _assert_same_rows(out, ref):
+    """Tokens, lengths and masks equal; log-probs to float32 rounding (the decode batch's size
+    changes XLA:CPU's matmul blocking, so the last bit may differ)."""
+    for field in ("tokens", "lengths", "stopped", "attention_mask", "response_mask"):
+        np.testing.assert_array_equal(getattr(out, field), getattr(ref, field))
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_slot_pool_equals_static_batch(qwen, qwen_sampler, temperature):
+    """Rows of 1 to 16 tokens through 3 slots, 1 prefilled at a time: each row's tokens and
+    log-probs are those of the static batch (every row in its own slot from the start)."""
+    ref = qwen_sampler.generate(POOL_PROMPTS, **_pool_case(temperature))
+    sampler = Sampler(qwen[0], length_buckets=(16,), batch_buckets=(16,), slots=3, prefill_rows=1)
+    out = sampler.generate(POOL_PROMPTS, **_pool_case(temperature))
+    _assert_same_rows(out, ref)
+    assert len(set(ref.lengths.tolist())) >= 5
+    # slots decoded concurrently: fewer steps than the rows' lengths one after the other
+    steps = sampler.last_decode_steps
+    assert ref.lengths.max() <= steps < ref.lengths.sum() <= 3 * steps
+
+
+def _while_bodies(hlo: str) -> dict[str, list[str]]:
+    """The instructions of every computation reachable from a while loop's body, by name."""
+    comps, name = {}, None
+    for line in hlo.splitlines():
+        if line and not line.startswith(" ") and line.endswith("{"):
+            name = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            comps[name] = []
+        elif name:
+            comps[name].append(line)
+    callee = re.compile(r"(?:calls|body|condition|to_apply|computations)=\{?([%\w.\-, ]+)")
+    body = re.compile(r"body=%?([\w.\-]+)")
+    todo = {b for lines in comps.values() for ln in lines for b in body.findall(ln)}
+    seen = {}
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in comps:
+            continue
+        seen[name] = comps[name]
+        for ln in comps[name]:
+            for group in callee.findall(ln):
+                todo.update(c.strip().lstrip("%") for c in group.split(","))
+    return seen
+
+
+def test_sharded_pool_equals_unsharded_static_and_gathers_no_weight_per_token(qwen, qwen_sampler):
+    """8 fake devices (fsdp=8): the pool gives the one-device static batch's rows, and no
+    all-gather inside the compiled loops produces a weight (they are gathered once, before)."""
+    mesh = make_mesh(fsdp=8)
+    model = shard_model(nnx.clone(qwen[0]), mesh)
+    sampler = Sampler(
+        model, mesh=mesh, length_buckets=(16,), batch_buckets=(16,), slots=8, prefill_rows=2
+    )
+    _assert_same_rows(
+        sampler.generate(POOL_PROMPTS, **_pool_case(1.0)),
+        qwen_sampler.generate(POOL_PROMPTS, **_pool_case(1.0)),
+    )
+    hlo = sampler.lower(16, 16, _pool_case(1.0)["params"]).compile().as_text()
+    weight_shapes = {
+        ",".join(map(str, x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))
+    }
+    gathered = [
+        shape
+        for lines in _while_bodies(hlo).values()
+        for ln in lines
+        for shape in re.findall(r"= f32\[([\d,]+)\]\S* all-gather\(", ln)
+    ]
+    assert "all-gather" in hlo and weight_shapes.isdisjoint(gathered), gathered
+
+
+def test_temp_memory_grows_with_the_cache_only(qwen):
+    """Prefill attends over the prompt alone: from R = 16 to 1024 new tokens the program's temp
+    memory grows with the KV cache (and the layer's keys/values read from it), far below the
+    [rows, heads, P, P + R] scores of a prefill over the whole cache (tens of times as much)."""
+    sampler = Sampler(qwen[0], length_buckets=(96,), batch_buckets=(8,), slots=8)
+    c = qwen[0].config
+
+    def temp_and_cache(new_tokens):
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0)
+        stats = sampler.lower(8, 96, params).compile().memory_analysis()
+        cache = 2 * c.num_hidden_layers * 8 * (96 + new_tokens) * c.num_key_value_heads
+        return stats.temp_size_in_bytes, cache * c.head_dim * 4
+
+    (t0, c0), (t1, c1) = temp_and_cache(16), temp_and_cache(1024)
+    assert c1 - c0 <= t1 - t0 <= 2 * (c1 - c0), (t0, t1, c0, c1)
 
 
 def test_buckets_bound_compilations_and_weights_are_read_live(hf_models):
@@ -361,12 +435,13 @@ def test_sampling_params_hold_stop_ids_as_a_hashable_tuple():
         (dict(prompts=[[1.0, 2.0]]), r"prompts\[0\] must be a list of int token ids"),
         (dict(prompts="1 2 3"), "prompts must be a list of token-id lists"),
         (dict(pad_id=VOCAB), "pad_id"),
+        (dict(prompts=[[1] * 101]), r"prompts\[0\] has 101 tokens: .* max_prompt_length=100"),
         (dict(params=dict(max_new_tokens=4, temperature=1.0)), "params must be a SamplingParams"),
     ],
 )
 def test_bad_inputs_raise_before_compiling(qwen, override, match):
     """What only the model can check (context, vocabulary) and generate's own arguments."""
-    sampler = Sampler(qwen[0])
+    sampler = Sampler(qwen[0], max_prompt_length=100)
     kwargs = dict(prompts=[[1, 2, 3]], max_new_tokens=4, stop_token_ids=(), rng=jax.random.key(0))
     kwargs |= override
     fields = {k: kwargs.pop(k) for k in ("max_new_tokens", "stop_token_ids")}
@@ -381,6 +456,8 @@ def test_bad_sampler_arguments_are_named(qwen):
         Sampler(qwen[0], compute_dtype="bf16")
     with pytest.raises(ValueError, match="batch_buckets"):
         Sampler(qwen[0], batch_buckets=(0,))
+    with pytest.raises(ValueError, match="slots must be an int >= 1"):
+        Sampler(qwen[0], slots=0)
     assert Sampler(qwen[0], compute_dtype=jnp.bfloat16).compute_dtype == "bfloat16"
 
 

@@ -258,8 +258,8 @@ class Block(nnx.Module):
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
         new_kv = None
         if kv is not None:
-            k_all, v_all = (_write_slots(a, new, layer, index) for a, new in zip(kv, (k, v)))
-            new_kv = (k_all, v_all)
+            new_kv = (_write_slots(kv[0], k, layer, index), _write_slots(kv[1], v, layer, index))
+            k_all, v_all = new_kv
             k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False).astype(q.dtype)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False).astype(q.dtype)
         if c.sliding_window is not None and k.shape[1] > c.sliding_window:
