@@ -79,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.top_k = SamplingParams.top_k
     c.rollout.max_new_tokens = 7  # the toy's 6 digits + EOS
     c.rollout.max_gen_rounds = 3  # dynamic sampling: generation rounds to fill one step
+    # decode slots per device of the sampler's pool; 0 = as many KV caches as fit beside the
+    # training state (covjax.memory), every row when the device reports no memory size
+    c.rollout.slots_per_device = 0
 
     # --- Policy loss: the fields of covjax.losses.LossConfig (their defaults are the paper's),
     # then the step's own keys. The toy changes five of them (docs/toy_results.md, "Settings").
@@ -184,6 +187,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rollout.top_k": _NON_NEGATIVE,
     "rollout.max_new_tokens": _AT_LEAST_ONE,
     "rollout.max_gen_rounds": _AT_LEAST_ONE,
+    "rollout.slots_per_device": _NON_NEGATIVE,
     "loss.method": _choice(METHODS),
     "loss.clip_low": _interval(0, 1),
     "loss.clip_high": _NON_NEGATIVE,

@@ -25,7 +25,8 @@ Update step (one micro-batch of b sequences of S tokens, d = hidden, L = layers)
   logits chunk C V 12 (f32 logits, softmax and gradient of one chunk of C tokens, remat per
     chunk);
 with c = bytes of the compute dtype, P = parameters, Hq/Hkv/Dh/I as in the HF config. Rollout:
-  KV cache 2 L Hkv Dh S c per sequence, next to the persistent params + AdamW state.
+  KV cache 2 L Hkv Dh S c per sequence, next to the persistent params + AdamW state and the
+  weights gathered for decoding (c P / tensor under fsdp).
 """
 
 from __future__ import annotations
@@ -240,9 +241,18 @@ def update_peak_bytes(c: ModelConfig, mesh: MeshShape, **activation_kwargs) -> f
     return sum(state.values()) + sum(activation_bytes(c, mesh, **activation_kwargs).values())
 
 
+def decode_weight_bytes(c: ModelConfig, mesh: MeshShape) -> float:
+    """The weights the sampler decodes with: cast to the compute dtype and gathered over fsdp
+    (split over tensor only, covjax.sampler.DECODE_RULES); none beyond the master copy when it
+    is already one of those."""
+    if mesh.fsdp == 1:
+        return compute_weight_bytes(c, mesh)
+    return param_counts(c).per_device(MeshShape(tensor=mesh.tensor)) * _dtype_bytes(c.compute_dtype)
+
+
 def rollout_sequences(c: ModelConfig, mesh: MeshShape, seq_len: int, budget: float) -> int:
-    """Sequences per device whose KV cache fits in `budget` bytes next to params + AdamW
-    (and the compute-dtype weights the sampler reads, when they differ from the master copy)."""
+    """Sequences per device whose KV cache fits in `budget` bytes next to params + AdamW and
+    the weights the sampler decodes with (decode_weight_bytes)."""
     state = training_state_bytes(c, mesh)
-    persistent = state["params"] + state["adam"] + compute_weight_bytes(c, mesh)
+    persistent = state["params"] + state["adam"] + decode_weight_bytes(c, mesh)
     return max(int((budget - persistent) // kv_cache_bytes_per_sequence(c, mesh, seq_len)), 0)

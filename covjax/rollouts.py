@@ -17,8 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from covjax import advantages as advantages_lib
+from covjax import memory, multihost
 from covjax import metrics as names
-from covjax import multihost
+from covjax.config import ConfigError
+from covjax.model import ModelConfig
 from covjax.sampler import Rollout, Sampler, SamplingParams
 from covjax.tasks import Task
 
@@ -30,6 +32,31 @@ def sampling_params(rollout_config, stop_token_ids: Sequence[int]) -> SamplingPa
         max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
         n=r.n, stop_token_ids=tuple(stop_token_ids),
     )
+
+
+def rollout_slots(
+    config, model_config: ModelConfig, mesh: memory.MeshShape, bytes_limit: float | None
+) -> int | None:
+    """The sampler's pool over the mesh: rollout.slots_per_device x the batch shards, at most
+    one slot per row of a step. 0 derives the per-device count from covjax.memory (KV caches of
+    max_prompt_length + max_new_tokens tokens beside the training state in `bytes_limit`);
+    None (one slot per row) when the device reports no memory size. ConfigError, naming the
+    key, when the slots (at least one) do not fit."""
+    per_device = config.rollout.slots_per_device
+    if bytes_limit is not None:
+        seq_len = config.data.max_prompt_length + config.rollout.max_new_tokens
+        fitting = memory.rollout_sequences(model_config, mesh, seq_len, bytes_limit)
+        if max(per_device, 1) > fitting:
+            raise ConfigError(
+                f"config.rollout.slots_per_device={per_device}: {fitting} KV caches of "
+                f"{seq_len} tokens fit beside the training state in {bytes_limit / 1e9:.1f} GB "
+                "per device (covjax.memory)"
+            )
+        per_device = per_device or fitting
+    if not per_device:
+        return None
+    rows = config.train.prompts_per_step * config.rollout.n
+    return min(per_device * mesh.data * mesh.fsdp, rows)
 
 
 def _left_pad(rollout: Rollout, prompt_length: int) -> Rollout:

@@ -49,7 +49,7 @@ from covjax.metrics import (
     token_covariance_np,
 )
 from covjax.model import Transformer, check_pretrained, from_pretrained, save_pretrained
-from covjax.rollouts import StepData, collect_rollouts, sampling_params
+from covjax.rollouts import StepData, collect_rollouts, rollout_slots, sampling_params
 from covjax.sampler import Sampler
 from covjax.tasks import Task, load_task
 from covjax.tasks import toy_warm_start as toy_ws
@@ -290,6 +290,9 @@ def _due(step: int, interval: int) -> bool:
 
 def _train(config, workdir: Path, mesh, model, task: Task, manager, latest: int | None
            ) -> list[dict[str, Any]]:
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    mesh_shape = memory.MeshShape(**{a: mesh.shape[a] for a in ("data", "fsdp", "tensor")})
+    slots = rollout_slots(config, model.config, mesh_shape, limit)  # before anything compiles
     learner, state = _make_learner(config, mesh, model)
     start_step = 0
     if latest is not None:
@@ -312,7 +315,9 @@ def _train(config, workdir: Path, mesh, model, task: Task, manager, latest: int 
         )
 
     buckets = _prompt_buckets(config.data.max_prompt_length)
-    sampler = Sampler(model, mesh=mesh, length_buckets=buckets)
+    sampler = Sampler(model, mesh=mesh, length_buckets=buckets,
+                      slots=slots,
+                      max_prompt_length=config.data.max_prompt_length)
     eval_params = sampling_params(config.rollout, task.stop_token_ids)
     base_rng = jax.random.key(config.seed)
     writer = MetricsWriter(workdir, start_step)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from helpers import recipes
 
-from covjax import rollouts
+from covjax import memory, rollouts
+from covjax.config import ConfigError
 from covjax.sampler import Rollout
 
 
@@ -110,3 +111,28 @@ def test_dynamic_sampling_stops_when_full_and_measures_saturated_steps():
     assert data.metrics["filter/kept_group_frac"] == 0 and data.metrics["reward/mean"] == 1
     task, data = _collect([[1] * 8], dynamic=False)
     assert data.trainable and data.metrics["filter/kept_group_frac"] == 0
+
+
+def _slots(per_device, bytes_limit, mesh=memory.MeshShape(fsdp=8)):
+    config = recipes().toy_config("clip_cov")
+    config.unlock()
+    config.rollout.slots_per_device = per_device
+    config.data.max_prompt_length, config.rollout.max_new_tokens = 2048, 8192
+    config.train.prompts_per_step, config.rollout.n = 256, 8
+    return rollouts.rollout_slots(config, memory.QWEN2_5_7B, mesh, bytes_limit)
+
+
+def test_rollout_slots_from_config_or_memory_and_refusals():
+    """Qwen2.5-7B on 8 devices: fp32 params + AdamW sharded (12 P / 8), bf16 weights gathered
+    for decoding (2 P), KV caches of 10240 tokens (2 L Hkv Dh S 2 bytes)."""
+    assert _slots(0, None) is None  # no memory size: one slot per row
+    assert _slots(3, None, memory.MeshShape(data=2, fsdp=4)) == 24
+    assert _slots(1000, None) == 2048  # at most one slot per row of the step
+    p = memory.param_counts(memory.QWEN2_5_7B).total
+    kv = 2 * 28 * 4 * 128 * 10240 * 2
+    limit = 127e9
+    assert _slots(0, limit) == 8 * int((limit - 12 * p / 8 - 2 * p) // kv)
+    with pytest.raises(ConfigError, match=r"config.rollout.slots_per_device=0: 0 KV caches"):
+        _slots(0, 20e9)
+    with pytest.raises(ConfigError, match=r"config.rollout.slots_per_device=500: \d+ KV caches"):
+        _slots(500, limit)
