@@ -49,7 +49,7 @@ def rows(out_dir: str) -> list[tuple[str, str, str]]:
         for r in sampler["covjax"].get("tail", []):
             if "ms_per_step" in r:
                 out.append(("sampler tail", f"batch {r['batch']} active {r['active_fraction']} "
-                            f"(compact {r['compact_min_batch']}) ms/step", f"{r['ms_per_step']}"))
+                            "ms/step", f"{r['ms_per_step']}"))
         for r in sampler.get("transformers") or []:
             out.append(("sampler peer", f"transformers batch {r.get('batch')} new tok/s",
                         _fmt(r.get("new_tok_per_s"), 0)))

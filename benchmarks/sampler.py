@@ -1,13 +1,13 @@
 """Rollout throughput of covjax.sampler against the roofline and against transformers' generate.
 
-    python benchmarks/sampler.py --batch 64,256 [--peer transformers] [--tail_compact 64]  # GPU
+    python benchmarks/sampler.py --batch 64,256 [--peer transformers]  # GPU
     python benchmarks/sampler.py --tiny                                       # CPU smoke test
 
 Model: random weights shaped like Qwen2.5-0.5B (hidden 896, 24 layers, 14 heads, 2 KV heads,
 head_dim 64, MLP 4864, vocab 151936, tied embeddings, q/k/v bias), bfloat16 weights, activations
 and KV cache. Workload: `batch` prompts of 128 random tokens, 256 new tokens each at temperature 1,
 no stop token (every row runs its full length, like the Tunix probe in shared/peers/).
-One program is compiled per batch size (plus one with --tail_compact); everything else below
+One program is compiled per batch size (a static batch: one slot per row); everything else below
 reuses it, since per-row length budgets are a runtime argument.
 
 Printed per batch size:
@@ -22,7 +22,8 @@ Printed per batch size:
 - tail (largest batch): time per decode step when only a fraction of the rows is still active
   (the others reach their preset length after 1 token), and useful tokens/s with lengths drawn
   uniformly in [1, new_tokens]. Finished rows keep running with the batch's static shape, so
-  this is what the tail costs; --tail_compact N repeats it with Sampler(compact_min_batch=N).
+  this is what the tail costs in a static batch (benchmarks/rollout_pool.py measures the slot
+  pool, which refills finished slots).
 `--peer transformers` runs transformers' `generate` (PyTorch, bf16 on CUDA; fp32 on CPU) on the
 same shapes in a child process first (so the two frameworks never share GPU memory). The Tunix
 peer is shared/peers/tunix_probe.py, run in the same call. The last line is a JSON record.
@@ -31,7 +32,6 @@ peer is shared/peers/tunix_probe.py, run in the same call. The last line is a JS
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import json
 import os
@@ -67,13 +67,6 @@ def parse_args(argv=None):
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2, help="timed calls (the median is reported)")
     p.add_argument("--tail", default="1,0.5,0.25", help="active fractions for the tail ('': skip)")
-    p.add_argument(
-        "--tail_compact",
-        type=int,
-        default=0,
-        help="also measure the tail with Sampler(compact_min_batch=this) (one more "
-        "compilation, ~3 stages); 0: skip",
-    )
     p.add_argument("--peer", default="", choices=["", "transformers"])
     p.add_argument("--tiny", action="store_true", help="small model and shapes, for the CPU")
     p.add_argument("--seed", type=int, default=0)
@@ -85,7 +78,6 @@ def parse_args(argv=None):
             args.batch = "4,16"
         args.prompt_len = min(args.prompt_len, 16)
         args.new_tokens = min(args.new_tokens, 16)
-        args.tail_compact = args.tail_compact or 4
     else:
         args.size = "0.5b"
     args.batch = [int(b) for b in args.batch.split(",") if b]
@@ -227,12 +219,12 @@ def roofline_seconds(config, num_params, batch, prompt_len, new_tokens, bandwidt
     return prefill, decode
 
 
-def measure_tail(generate, batch, first_s, args, compact) -> list[dict]:
+def measure_tail(generate, batch, first_s, args) -> list[dict]:
     """Time per decode step when only some rows are active (the rest stop after one token)."""
     import numpy as np
 
     tail = []
-    name = f"tail batch={batch} compact_min_batch={compact}"
+    name = f"tail batch={batch}"
     for active in sorted({max(1, round(f * batch)) for f in args.tail}, reverse=True):
         budgets = [args.new_tokens] * active + [1] * (batch - active)
         seconds = _median_time(lambda b=budgets: generate(args.new_tokens, b, key=3), args.repeats)
@@ -240,7 +232,6 @@ def measure_tail(generate, batch, first_s, args, compact) -> list[dict]:
         tail.append(
             dict(
                 batch=batch,
-                compact_min_batch=compact,
                 active_fraction=active / batch,
                 ms_per_step=round(step_ms, 3),
                 useful_tok_per_s=round(sum(budgets) / seconds, 1),
@@ -256,7 +247,6 @@ def measure_tail(generate, batch, first_s, args, compact) -> list[dict]:
     tail.append(
         dict(
             batch=batch,
-            compact_min_batch=compact,
             active_fraction="uniform lengths",
             useful_tok_per_s=round(sum(budgets) / seconds, 1),
             seconds=round(seconds, 4),
@@ -351,18 +341,7 @@ def run_covjax(args) -> dict:
         )
 
         if batch == max(args.batch) and args.tail:
-            tail = measure_tail(generate, batch, first_s, args, 0)
-            if args.tail_compact:
-                compacting = Sampler(
-                    model,
-                    length_buckets=(args.prompt_len,),
-                    batch_buckets=(batch,),
-                    compact_min_batch=args.tail_compact,
-                )
-                generate_compact = functools.partial(generate, sampler=compacting)
-                generate_compact(args.new_tokens)  # compile
-                tail += measure_tail(generate_compact, batch, first_s, args, args.tail_compact)
-                total_compilations += compacting.num_compilations
+            tail = measure_tail(generate, batch, first_s, args)
         total_compilations += sampler.num_compilations
     return dict(
         device=str(device),
