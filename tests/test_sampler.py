@@ -18,7 +18,8 @@ from flax import nnx
 from helpers import TINY_SHAPE, tiny_hf_model
 from scipy import stats
 
-from covjax.model import from_pretrained
+from covjax.model import Transformer, from_pretrained
+from covjax.model.transformer import decode_key_buckets
 from covjax.sampler import (
     Rollout,
     Sampler,
@@ -242,6 +243,24 @@ def test_logprobs_equal_training_forward_and_n_responses_differ(qwen, qwen_sampl
         assert len(responses) == 3
 
 
+def test_decode_reads_a_prefix_of_the_cache_with_the_same_logprobs(qwen):
+    """A cache of 256 + 20 slots is read in key ranges of 256 (the first step) or 276
+    (decode_key_buckets): the rows get the training forward's log-probs (a whole-sequence
+    causal attention, no cache)."""
+    model = Transformer(qwen[0].config.replace(max_position_embeddings=512), rngs=nnx.Rngs(0))
+    assert decode_key_buckets(276) == (256, 276)
+    rollout = Sampler(model, length_buckets=(256,), batch_buckets=(4,)).generate(
+        _prompts([200, 130], seed=14),
+        SamplingParams(max_new_tokens=20, temperature=1.0, n=2),
+        rng=jax.random.key(15),
+        budgets=[20, 1, 12, 3],
+    )
+    np.testing.assert_array_equal(rollout.lengths, [20, 1, 12, 3])
+    mask = rollout.response_mask[:, 1:]
+    ref = _training_logprobs(model, rollout)
+    np.testing.assert_allclose(rollout.logprobs[:, 1:][mask], ref[mask], atol=1e-5, rtol=0)
+
+
 STOP_IDS = [t for t in range(VOCAB) if t % 12 == 1]
 STOP_CASE = dict(
     params=SamplingParams(max_new_tokens=16, temperature=1.0, n=4, stop_token_ids=STOP_IDS),
@@ -372,7 +391,7 @@ def test_temp_memory_grows_with_the_cache_only(qwen):
         return stats.temp_size_in_bytes, cache * c.head_dim * 4
 
     (t0, c0), (t1, c1) = temp_and_cache(16), temp_and_cache(1024)
-    assert c1 - c0 <= t1 - t0 <= 2 * (c1 - c0), (t0, t1, c0, c1)
+    assert c1 - c0 <= t1 - t0 <= 1.6 * (c1 - c0), (t0, t1, c0, c1)
 
 
 def test_buckets_bound_compilations_and_weights_are_read_live(hf_models):

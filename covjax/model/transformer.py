@@ -180,17 +180,55 @@ def causal_attention_even(
 def _write_slots(cache: jax.Array, new: jax.Array, layer, index: jax.Array) -> jax.Array:
     """Writes new [B, T, H, D] into cache [L, B, S, H, D] at (layer, b, index[b]) for every row.
 
-    A shared index is one dynamic_update_slice; a per-row one a batched one (a scatter). Either
-    updates the cache in place inside a loop.
+    A shared index is one dynamic_update_slice; a per-row one a scatter with unique indices
+    (a vmapped dynamic_update_slice would copy the cache). Either updates it in place in a loop.
     """
     new = new[None].astype(cache.dtype)
     if index.ndim == 0:
         return jax.lax.dynamic_update_slice(cache, new, (layer, 0, index, 0, 0))
-    row_update = jax.vmap(
-        lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (layer, i, 0, 0)), in_axes=(1, 1, 0),
-        out_axes=1,
-    )
-    return row_update(cache, new, index)
+    rows = jnp.arange(cache.shape[1])
+    slots = index[:, None] + jnp.arange(new.shape[2])[None, :]
+    return cache.at[layer, rows[:, None], slots].set(new[0], unique_indices=True, mode="drop")
+
+
+DECODE_MIN_BUCKET = 256  # shortest key range a decode step reads; below it the choice costs more
+
+
+def decode_key_buckets(cache_len: int) -> tuple[int, ...]:
+    """Key ranges a decode step may read: powers of two from DECODE_MIN_BUCKET, then the cache."""
+    buckets, n = [], DECODE_MIN_BUCKET
+    while n < cache_len:
+        buckets.append(n)
+        n *= 2
+    return (*buckets, cache_len)
+
+
+def decode_attention(
+    q: jax.Array, k_all: jax.Array, v_all: jax.Array, layer, mask: jax.Array, implementation: str
+) -> jax.Array:
+    """One query per row [B, 1, Hq, Dh] over the cache's first n slots of `layer`, n the
+    smallest bucket (decode_key_buckets) past every row's last visible key.
+
+    The slots beyond n are masked for every row, so the result is attention over the whole
+    cache, while a step reads keys/values in proportion to the filled length.
+    """
+    _, b, size, heads, dh = k_all.shape
+    buckets = decode_key_buckets(size)
+    visible = jnp.any(mask, axis=(0, 1, 2))
+    filled = jnp.max(jnp.where(visible, jnp.arange(size), 0)) + 1
+    branch = jnp.searchsorted(jnp.asarray(buckets), filled)
+
+    def attend(n, q, k_all, v_all, mask):
+        k, v = (
+            jax.lax.dynamic_slice(a, (layer, 0, 0, 0, 0), (1, b, n, heads, dh))[0].astype(q.dtype)
+            for a in (k_all, v_all)
+        )
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask[..., :n], implementation=implementation
+        )
+
+    branches = [functools.partial(attend, n) for n in buckets]
+    return jax.lax.switch(branch, branches, q, k_all, v_all, mask)
 
 
 class Block(nnx.Module):
@@ -268,7 +306,9 @@ class Block(nnx.Module):
                 "keys; sliding-window attention is not implemented"
             )
         impl = _attention_impl(c, q.dtype, decoding=kv is not None)
-        if impl == "cudnn" and kv is None:
+        if kv is not None and q.shape[1] == 1:
+            out = decode_attention(q, *new_kv, layer, mask, impl)
+        elif impl == "cudnn" and kv is None:
             out = causal_attention_even(q, k, v, mask)
         else:
             out = jax.nn.dot_product_attention(
