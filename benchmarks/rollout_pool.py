@@ -12,7 +12,8 @@ go through the pool and through a static batch (every row in its own slot from t
 
 memory: `Sampler.lower(...).compile().memory_analysis()` of covjax's rollout program for one
 RL step's 256 x 8 rows (prompts 2048, responses 8192 tokens, bf16) with the pool size that
-covjax.rollouts.rollout_slots derives for the mesh, compiled from abstract arrays on fake CPU
+covjax.rollouts.rollout_slots derives for the mesh (the KV caches in SLOT_MEMORY_FRACTION of the
+usable memory, beside the weights), compiled from abstract arrays on fake CPU
 devices (nothing allocated), beside the training state that lives through the rollout (fp32
 params + AdamW moments, sharded).
 """
@@ -33,6 +34,7 @@ from flax import nnx
 
 from covjax import memory
 from covjax.model import ModelConfig, Transformer
+from covjax.rollouts import SLOT_MEMORY_FRACTION
 from covjax.sampler import Sampler, SamplingParams
 from covjax.sharding import logical_sharding, make_mesh
 
@@ -66,7 +68,10 @@ def utilisation(args) -> None:
     prompts = np.random.default_rng(1).integers(1, 512, (args.prompts, 16)).tolist()
     params = SamplingParams(max_new_tokens=cap, temperature=1.0, n=8)
     for slots in (None, args.slots):
-        sampler = Sampler(model, length_buckets=(16,), batch_buckets=(rows,), slots=slots)
+        sampler = Sampler(
+            model, length_buckets=(16,), batch_buckets=(rows,), slots=slots,
+            prefill_rows=args.prefill_rows,
+        )  # fmt: skip
         t0 = time.perf_counter()
         out = sampler.generate(prompts, params, rng=jax.random.key(0), budgets=lengths)
         seconds = time.perf_counter() - t0
@@ -98,11 +103,13 @@ def step_time(args) -> None:
         return min(best)
 
     seconds(1)  # compile
-    base = seconds(1)
+    previous, previous_s = 1, seconds(1)
     for fill in (args.cap // 8, args.cap // 4, args.cap // 2, args.cap):
-        ms = 1e3 * (seconds(fill) - base) / (fill - 1)
-        print(f"slots={args.slots} cache={16 + args.cap} decode steps 1..{fill}: "
-              f"{ms:.3f} ms/step (mean over the fills 1..{fill})", flush=True)  # fmt: skip
+        fill_s = seconds(fill)
+        ms = 1e3 * (fill_s - previous_s) / (fill - previous)
+        print(f"slots={args.slots} cache={16 + args.cap}: {ms:.3f} ms per decode step at "
+              f"response lengths {previous + 1}..{fill}", flush=True)  # fmt: skip
+        previous, previous_s = fill, fill_s
 
 
 def _abstract_model(config: ModelConfig, mesh) -> nnx.Module:
@@ -117,34 +124,41 @@ def _abstract_model(config: ModelConfig, mesh) -> nnx.Module:
 
 
 def memory_table(args) -> None:
-    print("| setup | mesh | slots per device | KV cache per device | program arguments | "
-          "program temp | outputs | + AdamW moments | total / usable (GB) |")  # fmt: skip
+    """One row per setup. The program is compiled in float32: XLA:CPU computes bf16 in float32
+    and adds converted copies of the bf16 buffers (the cache among them) that a GPU does not
+    make, so the bf16 program's temp is read as half the float32 one (its buffers are all in
+    the compute dtype but the small f32 logits)."""
+    print(
+        "| setup | mesh | slots per device | KV cache (bf16) | program arguments | temp f32 "
+        "(CPU compile) | temp bf16 (= f32 / 2) | + AdamW moments | total / usable (GB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     seq = args.prompt_len + args.cap
     for name, config, hbm, shape in MEMORY_SETUPS:
         usable = USABLE * hbm * memory.GB
-        per_device = memory.rollout_sequences(config, shape, seq, usable)
+        per_device = memory.rollout_sequences(config, shape, seq, SLOT_MEMORY_FRACTION * usable)
         if per_device < 1:
             print(f"| {name} | {shape} | 0: the weights gathered for decoding do not fit beside "
                   "the training state | | | | | | |", flush=True)  # fmt: skip
             continue
         mesh = make_mesh(data=shape.data, fsdp=shape.fsdp, tensor=shape.tensor,
                          devices=jax.devices()[: shape.devices])  # fmt: skip
-        sampler = Sampler(_abstract_model(config.replace(max_position_embeddings=32768), mesh),
-                          mesh=mesh, length_buckets=(args.prompt_len,), batch_buckets=(2048,),
-                          slots=per_device * shape.data * shape.fsdp)  # fmt: skip
+        model = _abstract_model(config.replace(max_position_embeddings=32768), mesh)
+        sampler = Sampler(model, mesh=mesh, length_buckets=(args.prompt_len,),
+                          batch_buckets=(2048,), slots=per_device * shape.data * shape.fsdp,
+                          compute_dtype="float32")  # fmt: skip
         params = SamplingParams(max_new_tokens=args.cap, temperature=1.0, n=8)
         t0 = time.perf_counter()
         stats = sampler.lower(2048, args.prompt_len, params).compile().memory_analysis()
         adam = memory.training_state_bytes(config, shape)["adam"]
         kv = per_device * memory.kv_cache_bytes_per_sequence(config, shape, seq)
-        total = stats.argument_size_in_bytes + stats.temp_size_in_bytes
-        total += stats.output_size_in_bytes + adam
-        gb = [x / memory.GB for x in (kv, stats.argument_size_in_bytes, stats.temp_size_in_bytes,
-                                      stats.output_size_in_bytes, adam, total, usable)]  # fmt: skip
+        temp = stats.temp_size_in_bytes
+        total = stats.argument_size_in_bytes + temp / 2 + stats.output_size_in_bytes + adam
+        gb = [x / memory.GB for x in (kv, stats.argument_size_in_bytes, temp, temp / 2, adam,
+                                      total, usable)]  # fmt: skip
         print(
             f"| {name} | {shape} | {per_device} | {gb[0]:.1f} | {gb[1]:.1f} | {gb[2]:.1f} | "
-            f"{gb[3]:.2f} | {gb[4]:.1f} | **{gb[5]:.1f}** / {gb[6]:.1f} |",
+            f"{gb[3]:.1f} | {gb[4]:.1f} | **{gb[5]:.1f}** / {gb[6]:.1f} |",
             flush=True,
         )
         print(f"  (compiled in {time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
@@ -155,6 +169,7 @@ def main(argv=None):
     p.add_argument("what", choices=["utilisation", "step_time", "memory"])
     p.add_argument("--prompts", type=int, default=32, help="utilisation: prompts (x 8 rows)")
     p.add_argument("--slots", type=int, default=32)
+    p.add_argument("--prefill_rows", type=int, default=None, help="default: the sampler's")
     p.add_argument("--cap", type=int, default=None, help="max new tokens")
     p.add_argument("--prompt_len", type=int, default=2048, help="memory: prompt columns")
     p.add_argument("--seed", type=int, default=0)

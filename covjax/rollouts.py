@@ -34,18 +34,26 @@ def sampling_params(rollout_config, stop_token_ids: Sequence[int]) -> SamplingPa
     )
 
 
+# Share of the device memory the KV caches may claim: the rest holds the decode step's working
+# set (a layer's keys/values read from the cache, logits, sampling, the prefill batch), sized by
+# compiling the rollout program (benchmarks/rollout_pool.py memory).
+SLOT_MEMORY_FRACTION = 0.9
+
+
 def rollout_slots(
     config, model_config: ModelConfig, mesh: memory.MeshShape, bytes_limit: float | None
 ) -> int | None:
     """The sampler's pool over the mesh: rollout.slots_per_device x the batch shards, at most
     one slot per row of a step. 0 derives the per-device count from covjax.memory (KV caches of
-    max_prompt_length + max_new_tokens tokens beside the training state in `bytes_limit`);
+    max_prompt_length + max_new_tokens tokens beside the training state in
+    SLOT_MEMORY_FRACTION x `bytes_limit`);
     None (one slot per row) when the device reports no memory size. ConfigError, naming the
     key, when the slots (at least one) do not fit."""
     per_device = config.rollout.slots_per_device
     if bytes_limit is not None:
         seq_len = config.data.max_prompt_length + config.rollout.max_new_tokens
-        fitting = memory.rollout_sequences(model_config, mesh, seq_len, bytes_limit)
+        budget = SLOT_MEMORY_FRACTION * bytes_limit
+        fitting = memory.rollout_sequences(model_config, mesh, seq_len, budget)
         if max(per_device, 1) > fitting:
             raise ConfigError(
                 f"config.rollout.slots_per_device={per_device}: {fitting} KV caches of "

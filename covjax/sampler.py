@@ -269,7 +269,8 @@ class Sampler:
         multiple of the number of batch shards.
       slots: decode slots of the pool over the whole mesh (rounded up to a multiple of the
         batch shards, capped at B); None: one per row, a static batch.
-      prefill_rows: rows prefilled together when slots free up (default slots // 8, at least 1).
+      prefill_rows: rows prefilled together when slots free up (default slots // 32), rounded up
+        to a multiple of the batch shards.
       max_prompt_length: prompts longer than this are refused before compiling (None: only the
         model's context bounds them).
     After each `generate`, `last_decode_steps` is the number of decode steps the pool ran
@@ -395,7 +396,9 @@ class Sampler:
         for a padded batch of `batch` rows: the pool is `slots` of them (all when None)."""
         shards, temperature = self._batch_shards, params.temperature
         slots = batch if self.slots is None else min(shards * math.ceil(self.slots / shards), batch)
-        prefill_rows = min(self.prefill_rows or max(1, slots // 8), slots)
+        # whole rows on every batch shard: an uneven prefill batch would be replicated
+        prefill_rows = shards * math.ceil((self.prefill_rows or max(1, slots // 32)) / shards)
+        prefill_rows = min(prefill_rows, slots)
         if slots == batch:  # a static batch: every row is prefilled at once
             prefill_rows = slots
         mode = SamplingMode(
@@ -542,8 +545,8 @@ class Sampler:
             if prompt_len > 1:
                 fresh = init_cache(self.config, prefill_rows, prompt_len - 1, dtype)
                 _, fresh = model(ids[:, :-1], pos[:, :-1], attention_mask=mask[:, :-1], cache=fresh)
-                k = k.at[:, target, : prompt_len - 1].set(fresh.k, mode="drop")
-                v = v.at[:, target, : prompt_len - 1].set(fresh.v, mode="drop")
+                k = k.at[:, target, : prompt_len - 1].set(fresh.k, mode="drop", unique_indices=True)
+                v = v.at[:, target, : prompt_len - 1].set(fresh.v, mode="drop", unique_indices=True)
                 key_mask = key_mask.at[:, : prompt_len - 1].set(mask[:, :-1])
             cache = dataclasses.replace(
                 cache, k=k, v=v, key_mask=cache.key_mask.at[target].set(key_mask, mode="drop")

@@ -353,13 +353,12 @@ def _while_bodies(hlo: str) -> dict[str, list[str]]:
 
 
 def test_sharded_pool_equals_unsharded_static_and_gathers_no_weight_per_token(qwen, qwen_sampler):
-    """8 fake devices (fsdp=8): the pool gives the one-device static batch's rows, and no
-    all-gather inside the compiled loops produces a weight (they are gathered once, before)."""
+    """8 fake devices (fsdp=8): 16 rows through 8 slots (one per device, prefilled 8 at a
+    time) give the one-device static batch's rows, and no all-gather inside the compiled loops
+    produces a weight (they are gathered once, before)."""
     mesh = make_mesh(fsdp=8)
     model = shard_model(nnx.clone(qwen[0]), mesh)
-    sampler = Sampler(
-        model, mesh=mesh, length_buckets=(16,), batch_buckets=(16,), slots=8, prefill_rows=2
-    )
+    sampler = Sampler(model, mesh=mesh, length_buckets=(16,), batch_buckets=(16,), slots=8)
     _assert_same_rows(
         sampler.generate(POOL_PROMPTS, **_pool_case(1.0)),
         qwen_sampler.generate(POOL_PROMPTS, **_pool_case(1.0)),
