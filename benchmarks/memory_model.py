@@ -26,6 +26,7 @@ if __name__ == "__main__" and "check" in sys.argv:  # 8 fake CPU devices for the
 
 from covjax import memory
 from covjax.memory import GB, QWEN2_5_7B, QWEN2_5_32B, MeshShape
+from covjax.rollouts import SLOT_MEMORY_FRACTION
 
 PROMPT_LEN, RESPONSE_LEN = 2048, 8192  # the recipe (ALGORITHMS.md 7)
 MINI_BATCH = 32 * 8  # sequences per optimizer update: 32 prompts x 8 responses
@@ -97,7 +98,7 @@ def setup_estimate(s: Setup) -> dict[str, float]:
         s.model, s.mesh, PROMPT_LEN + RESPONSE_LEN
     )
     parts["rollout_seqs"] = memory.rollout_sequences(
-        s.model, s.mesh, PROMPT_LEN + RESPONSE_LEN, budget
+        s.model, s.mesh, PROMPT_LEN + RESPONSE_LEN, SLOT_MEMORY_FRACTION * budget
     )
     return parts
 
@@ -133,7 +134,8 @@ def markdown_tables() -> str:
         + " |"
     )
     lines.append(
-        "| rollout sequences per device that fit (beside params + AdamW + bf16 weights) | "
+        "| rollout slots per device (KV caches in 90% of usable, beside params + AdamW + bf16 "
+        "weights gathered over fsdp) | "
         + " | ".join(str(e["rollout_seqs"]) for e in est)
         + " |"
     )

@@ -47,7 +47,9 @@ MEMORY_SETUPS = (  # (name, model, HBM GB, mesh): launch/README.md's GPU columns
     ("Qwen2.5-7B, 8 x H200 141GB", memory.QWEN2_5_7B, 141, memory.MeshShape(fsdp=8)),
     ("Qwen2.5-7B, 8 x H100 80GB", memory.QWEN2_5_7B, 80, memory.MeshShape(fsdp=8)),
     ("Qwen2.5-32B, 8 x H200 141GB", memory.QWEN2_5_32B, 141, memory.MeshShape(fsdp=8)),
+    ("Qwen2.5-32B, 8 x H200 141GB", memory.QWEN2_5_32B, 141, memory.MeshShape(fsdp=4, tensor=2)),
     ("Qwen2.5-32B, 4 x 8 H100 80GB", memory.QWEN2_5_32B, 80, memory.MeshShape(fsdp=32)),
+    ("Qwen2.5-32B, 4 x 8 H100 80GB", memory.QWEN2_5_32B, 80, memory.MeshShape(fsdp=16, tensor=2)),
     ("Qwen2.5-32B, TPU v5p-64", memory.QWEN2_5_32B, 95, memory.MeshShape(fsdp=8, tensor=4)),
 )
 USABLE = 0.9
