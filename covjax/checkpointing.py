@@ -9,9 +9,12 @@ would have done.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-from collections.abc import Mapping
+import socket
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +35,49 @@ def make_manager(workdir: Path) -> ocp.CheckpointManager:
     )
 
 
+LOCK_FILE = "lock"  # WORKDIR/lock: {"host", "pid"} of the run writing the workdir
+
+
+class CheckpointError(OSError):
+    """A checkpoint that could not be saved, or a workdir none of whose checkpoints restores:
+    the message names the folder and the cause."""
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
-    """Saves `state` (a pytree of arrays) and the JSON `meta` as checkpoint `step`."""
-    manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=True,
-    )
+    """Saves `state` (a pytree of arrays) and the JSON `meta` as checkpoint `step` (in the
+    background); a save that failed before, or fails to start, raises CheckpointError."""
+    raise_save_errors(manager)
+    try:
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+    except Exception as error:  # noqa: BLE001 - orbax and tensorstore raise many types
+        raise CheckpointError(
+            f"{manager.directory}: saving checkpoint {step} failed: {_one_line(error)}"
+        ) from error
+
+
+def raise_save_errors(manager: ocp.CheckpointManager, *, wait: bool = False) -> None:
+    """Raises CheckpointError if a background save has failed (a full disk, say), so the run
+    stops within a step of it instead of training on without checkpoints. Without `wait` a save
+    still running is not waited for."""
+    try:
+        if wait or not manager.is_saving_in_progress():
+            manager.wait_until_finished()  # re-raises the failure of the last save
+    except Exception as error:  # noqa: BLE001 - orbax and tensorstore raise many types
+        raise CheckpointError(
+            f"{manager.directory}: saving a checkpoint failed: {_one_line(error)}"
+        ) from error
 
 
 def restore(manager: ocp.CheckpointManager, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
@@ -53,6 +92,83 @@ def restore(manager: ocp.CheckpointManager, step: int, like: Any) -> tuple[Any, 
         ),
     )
     return restored.state, restored.meta
+
+
+def restore_newest(manager: ocp.CheckpointManager, like: Any) -> tuple[Any, dict[str, Any]]:
+    """(state, meta) of the newest checkpoint that restores. A newer one that does not (files
+    cut short by a crash) is skipped with a warning naming its step and why, and moved aside to
+    <step>.unrestorable so the resumed run can save that step again; CheckpointError if none
+    restores."""
+    skipped = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return restore(manager, step, like)
+        except Exception as error:  # noqa: BLE001 - whatever the cause, an older one may restore
+            why = _one_line(error)
+        skipped.append(f"checkpoint {step}: {why}")
+        logging.warning("%s/%d does not restore (%s): skipped", manager.directory, step, why)
+        if jax.process_index() == 0:
+            aside = Path(manager.directory) / f"{step}.unrestorable"
+            os.replace(Path(manager.directory) / str(step), aside)
+        manager.reload()
+    raise CheckpointError(
+        f"{manager.directory}: no checkpoint restores ({'; '.join(skipped)}); "
+        "pass a new --workdir to start afresh"
+    )
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """Holds WORKDIR/lock while the block runs (process 0 of a run), so two runs never write one
+    workdir. A lock held by a live process raises config.ConfigError naming its host and pid;
+    one left by a dead process of this host is taken over with a warning."""
+    if jax.process_index() != 0:
+        yield
+        return
+    path = workdir / LOCK_FILE
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if not _is_stale(holder):
+                raise ConfigError(
+                    f"{path}: another run is using this workdir (host {holder.get('host')}, pid "
+                    f"{holder.get('pid')}); wait for it to end, "
+                    "or remove the file if that process is gone"
+                ) from None
+            logging.warning("%s: taking over a stale lock (pid %s of this host is not running)",
+                            path, holder["pid"])
+            path.unlink(missing_ok=True)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _lock_holder(path: Path) -> dict[str, Any]:
+    """The lock file's {"host", "pid"}; {} while its holder is still writing it."""
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _is_stale(holder: dict[str, Any]) -> bool:
+    """Whether the lock's holder is a process of this host that no longer runs."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False  # another host's process cannot be checked from here
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 # Keys a resumed run may change: how the run is executed, not what it computes. Its parameters,

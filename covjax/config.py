@@ -263,6 +263,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"config.{key}={value!r} has type {type(value).__name__}, "
                 f"expected {type(default).__name__}"
             )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config.{key}={value!r} is not a finite number")
         if key in RANGES:
             ok, why = RANGES[key]
             if not ok(value):
@@ -303,8 +305,11 @@ def _validate_relations(c: ml_collections.ConfigDict) -> None:
         path = c.model[key]
         if path and not os.path.isdir(os.path.expanduser(path)):
             raise ConfigError(f"config.model.{key}={path!r} is not a directory")
-    if not c.data.train_files:
-        raise ConfigError("config.data.train_files is empty: set it to local parquet/jsonl files")
+    if not split_files(c.data.train_files):
+        raise ConfigError(
+            f"config.data.train_files is empty ({c.data.train_files!r} names no file): set it "
+            "to local parquet/jsonl files"
+        )
     for path in split_files(c.data.train_files):
         if not os.path.exists(os.path.expanduser(path)):
             raise ConfigError(f"config.data.train_files: {path!r} does not exist")

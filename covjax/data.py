@@ -91,6 +91,20 @@ def split_named_files(spec: str, *, source: str = "config.data.eval_files") -> d
     return out
 
 
+def _check_utf8(path: str) -> None:
+    """Raises ValueError naming the file and the line if a JSON file's text is not UTF-8 (JSON's
+    encoding), which `datasets` would report without either."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"data file {path}: line {number} is not UTF-8 text ({e.reason} at byte "
+                    f"{e.start} of the line)"
+                ) from e
+
+
 class _Malformed(ValueError):
     """A row that cannot be used; the message names the field."""
 
@@ -251,9 +265,9 @@ def load_prompts(
     """Load, adapt, render and tokenise the prompts of one local parquet or jsonl file of `task`
     ("math" or "code"); `instruction` defaults to the task's (DEFAULT_INSTRUCTIONS).
 
-    Raises FileNotFoundError for a missing file; ValueError naming the file for an unknown format
-    or schema, a file that does not parse, no rows, more than `max_malformed_frac` malformed rows,
-    or no usable prompt.
+    Raises FileNotFoundError for a missing file; ValueError naming the file for a directory, an
+    unknown format or schema, a file that does not parse or is not UTF-8 (naming the line), no
+    rows, more than `max_malformed_frac` malformed rows, or no usable prompt.
     """
     if not (isinstance(max_prompt_length, numbers.Integral) and max_prompt_length >= 1):
         raise ValueError(f"max_prompt_length must be an int >= 1, got {max_prompt_length!r}")
@@ -266,6 +280,8 @@ def load_prompts(
             "tokenizer (config.model.tokenizer_path in training, --tokenizer in covjax.eval)"
         )
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"data file {path} is a directory, expected a parquet or jsonl file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     fmt = _FORMATS.get(os.path.splitext(path)[1].lower())
@@ -273,6 +289,8 @@ def load_prompts(
         raise ValueError(f"data file {path}: unknown format, expected one of {sorted(_FORMATS)}")
     if os.path.getsize(path) == 0:
         raise ValueError(f"data file {path}: no rows (the file is empty)")
+    if fmt == "json":
+        _check_utf8(path)
     try:
         raw = datasets.load_dataset(fmt, data_files=path, split="train")
     except Exception as e:  # datasets and pyarrow raise many types, most without the file name

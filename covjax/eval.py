@@ -13,8 +13,9 @@ Greedy decoding, except for sets named like AIME or AMC: --samples_k responses p
 the paper's avg@32) at --temperature 0.6, reported as avg@k and pass@k. Prints a table, writes
 OUTPUT_DIR/results.json and OUTPUT_DIR/responses.jsonl (every response with its score).
 
---checkpoint=WORKDIR reads the Hugging Face folder the trainer saves: WORKDIR/hf_final, else the
-WORKDIR/hf_step_<step> with the largest step; it must hold the tokenizer files too. The flags
+--checkpoint=WORKDIR (a math run's; a toy run is refused) reads the Hugging Face folder the
+trainer saves: WORKDIR/hf_final, else the WORKDIR/hf_step_<step> with the largest step; it must
+hold the tokenizer files too. The flags
 it does not set take the trainer's evaluation settings from WORKDIR/config.json (response budget,
 compute dtype, prompt limit, instruction, schema, task), so the numbers match its val/* metrics.
 
@@ -24,6 +25,7 @@ unknown flag) stops it with one line naming the flag and the value, before the m
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -103,6 +105,20 @@ def _model_dir() -> str:
     return model_dir
 
 
+def _refuse_toy_run(workdir: str) -> None:
+    """Stops on a toy run's workdir: its model answers digit sums, not the text sets scored here."""
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            task = json.load(f)["data"]["task"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not a trainer's config.json: the checks that follow name what is wrong
+    if task == "toy":
+        cli.fail(f"--checkpoint={workdir}: a toy run ({path}: data.task='toy'); covjax.eval "
+                 "evaluates text (math) models, the toy's accuracy is val/toy/accuracy in its "
+                 "metrics.jsonl")
+
+
 def _take_training_settings(workdir: str) -> dict[str, Any]:
     """Sets the flags left at their default from the run's config.json; returns those taken."""
     try:
@@ -122,6 +138,8 @@ def main(argv: Sequence[str]) -> None:
     """The command line: check the flags, load the sets and the model, evaluate, print."""
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {list(argv[1:])} (every setting is a --flag=value)")
+    if _CHECKPOINT.value:
+        _refuse_toy_run(_CHECKPOINT.value)
     data_files = parse_data_flag(_DATA.value)
     model_dir = _model_dir()
     if _CHECKPOINT.value and (taken := _take_training_settings(_CHECKPOINT.value)):

@@ -11,9 +11,14 @@ NumPy only at import: covjax.analysis reads the names without JAX.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import os
 import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,12 +137,16 @@ def summarize_updates(updates: list[dict[str, float]]) -> dict[str, float]:
 
 
 class MetricsWriter:
-    """metrics.jsonl (one JSON object per step) + TensorBoard events in the workdir."""
+    """metrics.jsonl (one JSON object per step) + TensorBoard events in the workdir.
+
+    Both are written synchronously by the calling thread, so a failed write (a full disk)
+    raises at once instead of stalling a writer queue; the OSError names the file.
+    """
 
     def __init__(self, workdir: Path, resume_step: int):
         # imported here, not at the top: covjax.analysis imports this module and runs without JAX
         import jax
-        from tensorboardX import SummaryWriter
+        from tensorboardX.event_file_writer import EventsWriter
 
         self.path = workdir / METRICS_FILE
         self.enabled = jax.process_index() == 0  # one writer in a multi-host run
@@ -145,24 +154,61 @@ class MetricsWriter:
         if not self.enabled:
             return
         if self.path.exists():  # drop steps logged after the checkpoint
-            lines = self.path.read_text().splitlines()
-            keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] < resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
-        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            keep = [ln for ln, record in _read_lines(self.path) if record["step"] < resume_step]
+            partial = self.path.with_name(METRICS_FILE + ".partial")
+            partial.write_text("".join(ln + "\n" for ln in keep))
+            os.replace(partial, self.path)
+        tb_dir = workdir / "tensorboard"
+        tb_dir.mkdir(exist_ok=True)
+        with _naming(tb_dir):
+            self.tb = EventsWriter(str(tb_dir / "events"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        """Appends the step's record; an OSError (naming the file) if it cannot be written."""
         if not self.enabled:
             return
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
         record = {"step": step, **{k: _json_number(v) for k, v in sorted(metrics.items())}}
-        with self.path.open("a") as f:
+        with _naming(self.path), self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        for k, v in metrics.items():
-            if v is not None and math.isfinite(v):
-                self.tb.add_scalar(k, v, step)
+        with _naming(self.path.parent / "tensorboard"):
+            for k, v in metrics.items():
+                if v is not None and math.isfinite(v):
+                    self.tb.write_event(
+                        Event(wall_time=time.time(), step=step, summary=scalar(k, v))
+                    )
+            self.tb.flush()
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Re-raises an OSError of the block as one that names `path` (a failed write of an open
+    file, e.g. ENOSPC, names none)."""
+    try:
+        yield
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+
+
+def _read_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of every line of a metrics.jsonl. A torn last line (a crash mid-write) is
+    dropped with a warning; any other line that is not JSON raises ValueError naming the line."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    out = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise ValueError(f"{path}: line {number} is not JSON ({error})") from error
+            logging.warning("%s: its last line %d is torn (%s); dropped", path, number, error)
+    return out
 
 
 def _json_number(v: float) -> float | None:

@@ -5,7 +5,9 @@
 Without --config it runs configs/default.py, the embedded toy with Clip-Cov. The workdir defaults
 to runs/<config name>_<timestamp>; an existing workdir with checkpoints is resumed (with the
 config it was started with: checkpointing.check_resume names what may change). SIGTERM or SIGINT
-checkpoints the step in progress and exits with status 128 + the signal.
+checkpoints the step in progress and exits with status 128 + the signal (a second one quits at
+once). A run that cannot go on (a full disk, a non-finite loss) stops with one line and status 1;
+the checkpoints saved before it resume.
 
 Several processes (TPU pod hosts, GPU nodes) run the same command; they join through
 jax.distributed, found from the Cloud TPU metadata or SLURM, or given explicitly:
@@ -71,6 +73,9 @@ def _covjax_info_or_library_warning(record: pylogging.LogRecord) -> bool:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _WORKDIR.value is not None and not _WORKDIR.value.strip():
+        cli.fail(f"--workdir={_WORKDIR.value!r} is empty: give a folder, or leave the flag out for "
+                 "runs/<config name>_<timestamp>")
     logging.get_absl_handler().addFilter(_covjax_info_or_library_warning)
     multihost.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     # one log: process 0 logs progress, the others only warnings and errors
@@ -91,6 +96,8 @@ def main(argv: list[str]) -> None:
         trainer.train(config, workdir)
     except config_lib.ConfigError as error:
         cli.fail(str(error), kind="bad input")
+    except trainer.RunFailed as error:
+        cli.fail(str(error), kind="run failed")
     except trainer.StoppedBySignal as stopped:
         # exit as a process killed by the signal would, so `train && eval` does not go on
         logging.warning("%s", stopped)

@@ -84,26 +84,42 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
             f"mini-batch do not split over the {shards} batch shards of config.mesh (data x fsdp)"
         )
     try:  # the model folder's config and weight headers, the tokenizer and the data files
-        if config.data.task != "toy":
-            check_pretrained(os.path.expanduser(config.model.path))
+        if config.data.task == "toy":
+            model_config = toy_ws.model_config()
+        else:
+            model_config = check_pretrained(os.path.expanduser(config.model.path))
         task = load_task(config)  # bad data fails here, before anything is written
     except (OSError, ValueError) as error:  # their messages name the file and the field or row
         raise config_lib.ConfigError(str(error)) from error
+    _check_context(config, model_config.max_position_embeddings)
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    manager = checkpointing.make_manager(workdir)
-    latest = manager.latest_step()  # None: a fresh run
-    checkpointing.check_workdir(workdir, config, latest)
-    if jax.process_index() == 0:
-        checkpointing.write_config(workdir, config)
+    with checkpointing.workdir_lock(workdir):
+        manager = checkpointing.make_manager(workdir)
+        latest = manager.latest_step()  # None: a fresh run
+        checkpointing.check_workdir(workdir, config, latest)
+        if jax.process_index() == 0:
+            checkpointing.write_config(workdir, config)
 
-    model = build_model(config, mesh)
-    if config.data.task == "toy":
-        if latest is None and config.data.toy.warm_start_steps > 0:
-            toy_warm_start(config, model)
-        sharding.shard_model(model, mesh)
-    with jax.set_mesh(mesh):
-        return _train(config, workdir, mesh, model, task, manager, latest)
+        model = build_model(config, mesh)
+        if config.data.task == "toy":
+            if latest is None and config.data.toy.warm_start_steps > 0:
+                toy_warm_start(config, model)
+            sharding.shard_model(model, mesh)
+        with jax.set_mesh(mesh):
+            return _train(config, workdir, mesh, model, task, manager, latest)
+
+
+def _check_context(config, max_positions: int) -> None:
+    """A prompt and its response must fit the model's positions (the sampler's limit): checked
+    before anything is written or compiled."""
+    needed = config.data.max_prompt_length + config.rollout.max_new_tokens
+    if needed > max_positions:
+        raise config_lib.ConfigError(
+            f"config.data.max_prompt_length + config.rollout.max_new_tokens = "
+            f"{config.data.max_prompt_length} + {config.rollout.max_new_tokens} exceeds the "
+            f"model's max_position_embeddings={max_positions}"
+        )
 
 
 def remat_policy(config, mesh, model_cfg) -> str:
@@ -260,8 +276,15 @@ class StoppedBySignal(Exception):
         self.signum = signum
 
 
+class RunFailed(RuntimeError):
+    """The run cannot go on: an output that could not be written (a full disk), a non-finite loss
+    or gradient norm, no checkpoint that restores. The message names the path or the step; the
+    checkpoints saved before stay, and the same command resumes from the newest."""
+
+
 class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop checkpoints at the next step boundary and exits."""
+    """Set by SIGTERM/SIGINT; the loop checkpoints at the next step boundary and exits. A second
+    signal quits at once, without that checkpoint."""
 
     def __init__(self):
         self.set = False
@@ -274,7 +297,11 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
-        logging.warning("signal %d: checkpointing at the end of this step, then exiting", signum)
+        if self.set:
+            logging.warning("signal %d again: quitting now (the last checkpoint resumes)", signum)
+            os._exit(128 + signum)  # the step may be stuck; skip its cleanup
+        logging.warning("signal %d: checkpointing at the end of this step, then exiting "
+                        "(signal again to quit at once)", signum)
         self.set = True
         self.signum = signum
 
@@ -296,9 +323,12 @@ def _train(config, workdir: Path, mesh, model, task: Task, manager, latest: int 
     learner, state = _make_learner(config, mesh, model)
     start_step = 0
     if latest is not None:
-        restored, meta = checkpointing.restore(
-            manager, latest, {"train": state, "ref": learner.ref_params}
-        )
+        try:
+            restored, meta = checkpointing.restore_newest(
+                manager, {"train": state, "ref": learner.ref_params}
+            )
+        except checkpointing.CheckpointError as error:
+            raise RunFailed(str(error)) from error
         state, learner.ref_params = restored["train"], restored["ref"]
         task.restore(meta["task"])
         start_step = int(meta["step"])
@@ -314,13 +344,24 @@ def _train(config, workdir: Path, mesh, model, task: Task, manager, latest: int 
             {"step": step, "task": task.state(), "seed": config.seed},
         )
 
+    def write(step: int, metrics: dict[str, float]) -> None:
+        """The step's metrics, and a check that no checkpoint save has failed since the last."""
+        try:
+            writer.write(step, metrics)
+            checkpointing.raise_save_errors(manager)
+        except OSError as error:
+            raise _stop_run(manager, f"step {step}: {error}") from error
+
     buckets = _prompt_buckets(config.data.max_prompt_length)
     sampler = Sampler(model, mesh=mesh, length_buckets=buckets,
                       slots=slots,
                       max_prompt_length=config.data.max_prompt_length)
     eval_params = sampling_params(config.rollout, task.stop_token_ids)
     base_rng = jax.random.key(config.seed)
-    writer = MetricsWriter(workdir, start_step)
+    try:  # cuts metrics.jsonl back to the checkpoint
+        writer = MetricsWriter(workdir, start_step)
+    except (OSError, ValueError) as error:  # a full disk, a line that is not JSON: named
+        raise RunFailed(str(error)) from error
     records: list[dict[str, Any]] = []
     stopping = False
     with StopFlag() as stop, tqdm.trange(
@@ -342,7 +383,14 @@ def _train(config, workdir: Path, mesh, model, task: Task, manager, latest: int 
             metrics[names.TIME_STEP] = time.perf_counter() - t_step
             resp_tokens = float(data.arrays["response_mask"].sum())
             metrics["throughput/tokens_per_s"] = resp_tokens / metrics[names.TIME_STEP]
-            writer.write(step, metrics)
+            write(step, metrics)
+            if not all(math.isfinite(metrics.get(k, 0.0))
+                       for k in (names.OPTIM_LOSS, names.OPTIM_GRAD_NORM)):
+                raise _stop_run(manager, (
+                    f"step {step}: non-finite {names.OPTIM_LOSS}={metrics[names.OPTIM_LOSS]} or "
+                    f"{names.OPTIM_GRAD_NORM}={metrics[names.OPTIM_GRAD_NORM]} (lower "
+                    "config.optim.lr or config.optim.grad_clip)"
+                ))
             records.append({"step": step, **metrics})
             if step % config.train.log_interval == 0:
                 logging.info("step %d: %s", step, ", ".join(
@@ -357,7 +405,10 @@ def _train(config, workdir: Path, mesh, model, task: Task, manager, latest: int 
             if stopping or done == config.train.steps or _due(
                 done, config.train.checkpoint_interval
             ):
-                save(done)
+                try:
+                    save(done)
+                except OSError as error:
+                    raise _stop_run(manager, f"step {step}: {error}") from error
             if stopping:
                 break
 
@@ -365,11 +416,17 @@ def _train(config, workdir: Path, mesh, model, task: Task, manager, latest: int 
     if finished and config.train.eval_interval:
         final_rng = jax.random.fold_in(jax.random.fold_in(base_rng, config.train.steps), 1)
         final = task.evaluate(sampler, final_rng, eval_params)
-        writer.write(config.train.steps, final)
+        write(config.train.steps, final)
         records.append({"step": config.train.steps, **final})
-    manager.wait_until_finished()
+    try:
+        checkpointing.raise_save_errors(manager, wait=True)
+    except checkpointing.CheckpointError as error:
+        raise _stop_run(manager, str(error)) from error
     manager.close()
     writer.close()
+    if finished and not _all_finite(state.params):
+        raise RunFailed(f"the weights after step {config.train.steps - 1} are not finite: "
+                        "hf_final is not written (lower config.optim.lr)")
     if finished:
         save_pretrained(model, str(workdir / "hf_final"), tokenizer=task.tokenizer,  # process 0
                         source_dir=os.path.expanduser(config.model.path) or None)
@@ -380,9 +437,28 @@ def _train(config, workdir: Path, mesh, model, task: Task, manager, latest: int 
                  len(learner.compiled))
     if jax.process_index() == 0:
         print(summary_table(records), flush=True)
+        print(f"workdir: {workdir}" + (f"\nmodel: {workdir / 'hf_final'}" if finished else ""),
+              flush=True)
     if stopping:
         raise StoppedBySignal(done, stop.signum)
     return records
+
+
+def _stop_run(manager, why: str) -> RunFailed:
+    """The RunFailed that stops the run for `why`, once the checkpoint in flight (the last good
+    one) is written; it names the checkpoint that resumes."""
+    try:
+        checkpointing.raise_save_errors(manager, wait=True)
+    except checkpointing.CheckpointError as error:
+        why = why if str(error) in why else f"{why} (and {error})"
+    steps = manager.all_steps()
+    resume = f"the last checkpoint, {max(steps)}, resumes" if steps else "no checkpoint was saved"
+    return RunFailed(f"{why}; {resume}")
+
+
+def _all_finite(tree) -> bool:
+    """Whether every array of a pytree is finite."""
+    return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree))
 
 
 def _learn(step: int, step_rng: jax.Array, data: StepData, state: train_step.TrainState,

@@ -1,7 +1,16 @@
-"""covjax.checkpointing: which config changes a resume allows, and how they are named."""
+"""covjax.checkpointing: which config changes a resume allows, and how they are named; the
+fallback past a corrupt checkpoint, a failed save on a full disk, and the workdir lock."""
 
+import contextlib
 import json
+import os
+import shutil
+import socket
+import subprocess
 
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from helpers import load_config as load
 
@@ -49,3 +58,100 @@ def test_resume_compares_local_paths_resolved(tmp_path, monkeypatch):
 
 def test_every_key_a_resume_may_change_is_a_config_key():
     assert set(checkpointing.RESUME_MAY_CHANGE) <= set(config_lib.flat_schema())
+
+
+def _state(value: float):
+    return {"w": jnp.full((64,), value, jnp.float32)}
+
+
+def _saved(directory, steps):
+    """A checkpoint manager over `directory` holding a tiny state at each step (w = step)."""
+    manager = checkpointing.make_manager(directory)
+    for step in steps:
+        checkpointing.save(manager, step, _state(step), {"step": step})
+    manager.wait_until_finished()
+    return manager
+
+
+def _truncate(folder):
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"")
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_that_restores(tmp_path, caplog):
+    _saved(tmp_path, [2, 4]).close()
+    _truncate(tmp_path / "checkpoints" / "4")  # a crash cut its files short
+    manager = checkpointing.make_manager(tmp_path)
+    with caplog.at_level("WARNING"):
+        state, meta = checkpointing.restore_newest(manager, _state(0.0))
+    assert meta == {"step": 2} and np.all(np.asarray(state["w"]) == 2.0)
+    assert f"{tmp_path / 'checkpoints'}/4 does not restore (" in caplog.text
+    assert manager.all_steps() == [2] and (tmp_path / "checkpoints" / "4.unrestorable").is_dir()
+    checkpointing.save(manager, 4, _state(4.0), {"step": 4})  # the resumed run saves 4 again
+    manager.wait_until_finished()
+    assert checkpointing.restore_newest(manager, _state(0.0))[1] == {"step": 4}
+    manager.close()
+
+
+def test_no_checkpoint_that_restores_is_one_error(tmp_path):
+    _saved(tmp_path, [2]).close()
+    _truncate(tmp_path / "checkpoints" / "2")
+    with pytest.raises(checkpointing.CheckpointError) as error:
+        checkpointing.restore_newest(checkpointing.make_manager(tmp_path), _state(0.0))
+    assert str(error.value).startswith(f"{tmp_path / 'checkpoints'}: no checkpoint restores "
+                                       "(checkpoint 2: ")
+    assert "\n" not in str(error.value)
+
+
+@pytest.fixture
+def full_disk(tmp_path, monkeypatch):
+    """A folder on a file system with no space left: a 1 MiB tmpfs filled up where this process
+    may mount one (CI runs as root); elsewhere a folder whose checkpoint writes fail as orbax
+    reports a full disk."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]
+    if shutil.which("mount") and subprocess.run(command, capture_output=True).returncode == 0:
+        with open(mount / "filler", "wb") as f, contextlib.suppress(OSError):
+            f.write(b"\0" * (2 << 20))
+        yield mount
+        subprocess.run(["umount", str(mount)], check=True)
+        return
+
+    def fail(self, *args, **kwargs):
+        raise ValueError(f"RESOURCE_EXHAUSTED: Error writing in {mount}: No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", fail)
+    yield mount
+
+
+def test_a_failed_background_save_raises_naming_the_folder(full_disk):
+    manager = checkpointing.make_manager(full_disk)
+    with contextlib.suppress(checkpointing.CheckpointError):  # or it fails in the background
+        checkpointing.save(manager, 1, {"w": jnp.arange(4096.0)}, {"step": 1})
+    with pytest.raises(checkpointing.CheckpointError) as error:
+        checkpointing.raise_save_errors(manager, wait=True)
+    assert str(error.value).startswith(f"{full_disk / 'checkpoints'}: saving a checkpoint failed")
+    assert "No space left on device" in str(error.value)
+    assert manager.all_steps() == []
+
+
+def test_a_workdir_lock_names_its_holder_and_a_stale_one_is_taken_over(tmp_path, caplog):
+    lock = tmp_path / checkpointing.LOCK_FILE
+    with checkpointing.workdir_lock(tmp_path):
+        assert json.loads(lock.read_text()) == {"host": socket.gethostname(), "pid": os.getpid()}
+        with pytest.raises(config_lib.ConfigError) as error, checkpointing.workdir_lock(tmp_path):
+            pass
+    assert f"host {socket.gethostname()}, pid {os.getpid()}" in str(error.value)
+    assert not lock.exists()  # released
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+    with caplog.at_level("WARNING"), checkpointing.workdir_lock(tmp_path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert f"taking over a stale lock (pid {dead.pid} of this host is not running)" in caplog.text
+    lock.write_text(json.dumps({"host": "another-host", "pid": dead.pid}))  # cannot be checked
+    with pytest.raises(config_lib.ConfigError, match="host another-host, pid"):
+        with checkpointing.workdir_lock(tmp_path):
+            pass

@@ -2,6 +2,7 @@
 ALGORITHMS.md section 7, and bad keys, types and values are named in the error."""
 
 import json
+import math
 import pathlib
 
 import ml_collections
@@ -80,6 +81,9 @@ def test_recipes_need_model_and_data(name, tmp_path):
     c.model.path = str(tmp_path / "model")
     with pytest.raises(ValueError, match="config.data.train_files is empty"):
         config_lib.validate(c)
+    c.data.train_files = ","  # commas only name no file either
+    with pytest.raises(ValueError, match=r"config.data.train_files is empty \(',' names no file"):
+        config_lib.validate(c)
     config_lib.validate(_with_inputs(c, tmp_path))
     config_lib.validate(_with_inputs(load(name, "smoke"), tmp_path))
 
@@ -149,6 +153,12 @@ def _modified(path: str, value):
         ("model.remat", "block", "config.model.remat='block' is not one of"),
         ("rollout.n", 1, "config.rollout.n=1: the grpo estimator needs at least 2 responses"),
         ("loss.kl_estimator", "k4", "config.loss.kl_estimator='k4' is not one of"),
+        # non-finite numbers, even where the range is [0, inf) or a relation would let them by
+        ("loss.kl_cov_coef", math.inf, "config.loss.kl_cov_coef=inf is not a finite number"),
+        ("rollout.temperature", math.inf, "config.rollout.temperature=inf is not a finite"),
+        ("loss.entropy_coef", math.inf, "config.loss.entropy_coef=inf is not a finite number"),
+        ("loss.clip_cov_lb", math.nan, "config.loss.clip_cov_lb=nan is not a finite number"),
+        ("optim.lr", -math.inf, "config.optim.lr=-inf is not a finite number"),
     ],
 )
 def test_bad_values_name_the_key(path, value, message):

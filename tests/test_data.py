@@ -267,3 +267,18 @@ def test_named_eval_files_parse():
     assert data.split_named_files("a=x.parquet, b=y.jsonl") == {"a": "x.parquet", "b": "y.jsonl"}
     with pytest.raises(ValueError, match="'x.parquet' is not name=path"):
         data.split_named_files("x.parquet")
+
+
+def test_non_utf8_rows_and_a_directory_are_named(tmp_path, tokenizer):
+    tok, _ = tokenizer
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"problem": "1+1?", "answer": "2"}\n'
+                       b'{"problem": "caf\xe9?", "answer": "1"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(ValueError) as error:
+        data.load_prompts(latin1, tok)
+    assert str(error.value) == (f"data file {latin1}: line 2 is not UTF-8 text (invalid "
+                                "continuation byte at byte 16 of the line)")
+    folder = tmp_path / "x.jsonl"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"data file .*x\.jsonl is a directory"):
+        data.load_prompts(folder, tok)

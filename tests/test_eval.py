@@ -192,8 +192,11 @@ def paths(files, tmp_path):
     (broken / "config.json").write_text("{not json")
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "file").write_text("")
+    toy = tmp_path / "toy"  # a toy run's workdir
+    shutil.copytree(model, toy / "hf_final")
+    (toy / "config.json").write_text(json.dumps({"data": {"task": "toy"}}))
     return dict(model=model, tokenizer=files["tokenizer"], math500=files["math500"],
-                workdir=files["workdir"], broken=broken, tmp=tmp_path,
+                workdir=files["workdir"], broken=broken, toy=toy, tmp=tmp_path,
                 absent=tmp_path / "absent", empty=tmp_path / "empty.jsonl", file=tmp_path / "file")
 
 
@@ -225,6 +228,9 @@ BAD_FLAGS = [  # (flags, what the line names); {model}, {absent}, ... from the p
     (["--checkpoint={absent}", *GOOD[1:]], ["--checkpoint={absent}: ", "not a directory"]),
     (["--checkpoint={tmp}", *GOOD[1:]], ["--checkpoint={tmp}: ", "no hf_final or hf_step_"]),
     (["--checkpoint={broken}", *GOOD[1:]], ["--checkpoint={broken}: ", "is not JSON"]),
+    (["--checkpoint={toy}", *GOOD[1:]],
+     ["--checkpoint={toy}: a toy run ({toy}/config.json: data.task='toy'); covjax.eval evaluates "
+      "text (math) models"]),
     ([*GOOD[:2], "--data=math500={math500},oops"],
      ["--data=math500={math500},oops: ", "'oops' is not name=path"]),
     ([*GOOD[:2], "--data=aime24={absent}.parquet"], ["--data=aime24={absent}.parquet: no such"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -419,3 +420,17 @@ def test_per_device_params_follow_the_sharding_rules():
         )
         expected = memory.param_counts(model.config).per_device(MeshShape(*shape))
         assert held == expected, shape
+
+
+def test_ci_runs_the_readme_test_command_with_one_q():
+    """CI logs end with pytest's pass/fail counts: .ci/run runs README.md's test command, whose
+    -q is the only one (pyproject's addopts adding another makes -qq, which hides them)."""
+
+    def pytest_lines(path):
+        return [ln for ln in path.read_text().splitlines() if ln.startswith("python -m pytest")]
+
+    readme, ci = pytest_lines(REPO / "README.md"), pytest_lines(REPO / ".ci" / "run")
+    assert readme == ci == ["python -m pytest -q tests"]
+    addopts = re.search(r'^addopts\s*=\s*"(.*)"', (REPO / "pyproject.toml").read_text(), re.M)
+    quiet = shlex.split(ci[0]) + (shlex.split(addopts.group(1)) if addopts else [])
+    assert quiet.count("-q") == 1

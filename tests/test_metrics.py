@@ -1,9 +1,12 @@
 """covjax.metrics against references written here in plain Python/NumPy: the token covariance
 (Eq. 10), the entropy metrics (verl's token mean, the paper's Eq. 5), the token-weighted update
-summary, and the writer's metrics.jsonl across a resume."""
+summary, and the writer's metrics.jsonl and TensorBoard events across a resume and a full disk."""
 
+import errno
 import json
 import math
+import struct
+import threading
 
 import numpy as np
 import pytest
@@ -109,3 +112,73 @@ def test_names_round_trip():
     assert int(metrics.COV_FILE_RE.match(metrics.cov_file(1234567)).group(1)) == 1234567
     assert metrics.VAL_ACCURACY_RE.match(metrics.val_accuracy("aime24")).group(1) == "aime24"
     assert metrics.VAL_ACCURACY_RE.match(metrics.VAL_AVERAGE_ACCURACY) is None
+
+
+def _events(tb_dir):
+    """(tag, step, value) of every scalar in a TensorBoard events folder, read by the TFRecord
+    framing (length, crc, data, crc) and tensorboardX's Event proto."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = []
+    for path in sorted(tb_dir.iterdir()):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = Event.FromString(data[at + 12 : at + 12 + length])
+            at += 12 + length + 4
+            out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+    return out
+
+
+def test_tensorboard_events_hold_every_finite_scalar(tmp_path):
+    writer = metrics.MetricsWriter(tmp_path, resume_step=0)
+    writer.write(0, {"reward/mean": 0.5, "cov/mean": math.nan})
+    writer.write(1, {"reward/mean": 0.75, "cov/mean": -2.0})
+    writer.close()
+    assert _events(tmp_path / "tensorboard") == [
+        ("reward/mean", 0, 0.5), ("reward/mean", 1, 0.75), ("cov/mean", 1, -2.0)
+    ]
+
+
+def test_a_full_disk_raises_naming_the_metrics_file(tmp_path):
+    writer = metrics.MetricsWriter(tmp_path, resume_step=0)
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")  # every write: ENOSPC
+    with pytest.raises(OSError, match=r"No space left on device: '.*metrics\.jsonl'"):
+        writer.write(0, {"reward/mean": 0.5})
+
+
+def test_a_full_disk_under_tensorboard_raises_at_once_instead_of_blocking(tmp_path, monkeypatch):
+    """A failed event write must surface in the writing thread: a writer thread that dies on it
+    leaves the next writes blocked on its full queue for ever."""
+    import tensorboardX.record_writer
+
+    monkeypatch.setattr(tensorboardX.record_writer, "open_file", lambda p: open("/dev/full", "wb"))
+    errors = []
+
+    def write_steps():
+        try:
+            writer = metrics.MetricsWriter(tmp_path, resume_step=0)
+            for step in range(100):
+                writer.write(step, {f"m/{i}": float(i) for i in range(30)})
+        except OSError as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=write_steps, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive(), "the metrics writer blocked"
+    assert len(errors) == 1 and errors[0].errno == errno.ENOSPC
+    assert errors[0].filename == str(tmp_path / "tensorboard")
+
+
+def test_resume_drops_a_torn_last_line_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "reward/mean": s / 4}) for s in range(3)]
+    path.write_text("\n".join(lines) + '\n{"step": 3, "reward/me')  # a crash mid-write
+    with caplog.at_level("WARNING"):
+        metrics.MetricsWriter(tmp_path, resume_step=3).close()
+    assert path.read_text().splitlines() == lines
+    assert f"{path}: its last line 4 is torn" in caplog.text
+    path.write_text(lines[0] + "\n{oops\n" + lines[1] + "\n")  # not a crash: named, kept
+    with pytest.raises(ValueError, match=r"metrics\.jsonl: line 2 is not JSON"):
+        metrics.MetricsWriter(tmp_path, resume_step=3)

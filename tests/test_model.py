@@ -21,6 +21,7 @@ from helpers import tiny_hf_model
 from covjax.model import (
     ModelConfig,
     Transformer,
+    check_pretrained,
     from_pretrained,
     hf_state_dict,
     init_cache,
@@ -172,6 +173,12 @@ def test_tokenizer_is_saved_and_loaded(hf_dirs, tmp_path):
     assert loaded.decode(ids) == text
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_tokenizer(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError) as error:  # the model's folder, without a tokenizer
+        load_tokenizer(hf_dirs["qwen2_tied"])
+    assert str(error.value) == (
+        f"tokenizer folder {hf_dirs['qwen2_tied']} holds no tokenizer files (none of "
+        "tokenizer.json, tokenizer.model, vocab.json, vocab.txt)"
+    )
 
 
 @pytest.mark.parametrize("name", ["qwen2_untied", "llama3_gqa4"])
@@ -488,6 +495,19 @@ def test_bad_inputs_are_named(hf_dirs, tmp_path):
     (not_st / "model.safetensors").write_bytes(b"not a safetensors file")  # 8 bytes: a length
     with pytest.raises(ValueError, match=r"is not a safetensors file: its header length \d+ exc"):
         from_pretrained(not_st)
+    weights = open(os.path.join(src, "model.safetensors"), "rb").read()
+    header_len = int.from_bytes(weights[:8], "little")
+    header = json.loads(weights[8 : 8 + header_len])
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    cut = folder("truncated", config, tensors=False)  # a copy cut short in the last tensor
+    (cut / "model.safetensors").write_bytes(weights[: len(weights) - 4])
+    with pytest.raises(ValueError) as error:
+        check_pretrained(cut)  # before any tensor is read
+    data_size = len(weights) - 4 - 8 - header_len
+    assert str(error.value) == (
+        f"{cut / 'model.safetensors'} is truncated: tensor {last!r} ends at byte "
+        f"{header[last]['data_offsets'][1]} of the data, which holds {data_size} bytes"
+    )
     no_map = folder("no_weight_map", config, tensors=False)
     (no_map / "model.safetensors.index.json").write_text('{"metadata": {}}')
     with pytest.raises(ValueError, match="index.json has no 'weight_map'"):

@@ -162,7 +162,7 @@ def test_model_config_is_tiny_qwen2():
     assert cfg.num_attention_heads == 4 and 80_000 < num_params < 120_000
 
 
-def test_warm_start_is_deterministic_and_cached(tmp_path):
+def test_warm_start_is_deterministic_and_cached(tmp_path, caplog):
     ws = toy_ws.WarmStart(steps=3, batch_size=16, lr=3e-3, frac_correct=0.65)
 
     def params(cache_dir, init_seed=0):
@@ -185,3 +185,13 @@ def test_warm_start_is_deterministic_and_cached(tmp_path):
     cached_d, d = params(str(tmp_path), init_seed=1)
     assert not cached_d and any(not np.array_equal(x, w) for x, w in zip(a, d, strict=True))
     assert len(list(tmp_path.glob("toy_easy_seed3_*.npz"))) == 2
+    # an entry cut short (a crash, a full disk) is rebuilt, with a warning, not read
+    (entry,) = [p for p in tmp_path.glob("toy_easy_seed3_*.npz") if p.stat().st_mtime_ns ==
+                min(q.stat().st_mtime_ns for q in tmp_path.glob("toy_easy_seed3_*.npz"))]
+    entry.write_bytes(entry.read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        cached_e, e = params(str(tmp_path))
+    assert not cached_e and f"toy warm-start cache {entry} does not load" in caplog.text
+    for x, y in zip(a, e, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert params(str(tmp_path))[0]  # the rebuilt entry loads

@@ -18,8 +18,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import make_tokenizer, write_jsonl
+from helpers import load_config, make_tokenizer, write_jsonl
 from safetensors.numpy import load_file
+
+from covjax import config as config_lib
+from covjax import trainer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SMOKE = "--config=configs/default.py:smoke"
@@ -79,15 +82,25 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_model(straight):
     assert (workdir / "hf_final" / "config.json").exists()
     assert (workdir / "hf_final" / "tokenizer.json").exists()
     assert "reward/mean" in result.stdout  # the summary table
+    assert result.stdout.endswith(f"workdir: {workdir}\nmodel: {workdir / 'hf_final'}\n")
+    assert not (workdir / "lock").exists()  # released at the end
 
 
-def test_resume_is_exact(straight, tmp_path):
+def test_resume_is_exact_past_a_corrupt_checkpoint_and_a_torn_metrics_line(straight, tmp_path):
     workdir, _ = straight
     resumed = tmp_path / "resumed"
-    train(resumed, "--config.train.steps=2")
-    assert sorted(os.listdir(resumed / "checkpoints")) == ["2"]
-    train(resumed)
-    assert sorted(os.listdir(resumed / "checkpoints")) == ["2", "4"]
+    train(resumed, "--config.train.steps=2", "--config.train.checkpoint_interval=1")
+    assert sorted(os.listdir(resumed / "checkpoints")) == ["1", "2"]
+    for path in (resumed / "checkpoints" / "2").rglob("*"):  # a crash cut its files short
+        if path.is_file():
+            path.write_bytes(b"")
+    with open(resumed / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "rew')  # and the line being written (after 0, 1 and the final 2)
+    result = train(resumed)
+    assert f"{resumed / 'checkpoints'}/2 does not restore (" in result.stderr
+    assert "resumed from" in result.stderr and "at step 1" in result.stderr
+    assert f"{resumed / 'metrics.jsonl'}: its last line 4 is torn" in result.stderr
+    assert sorted(os.listdir(resumed / "checkpoints")) == ["2", "2.unrestorable", "4"]
     a, b = records(workdir), records(resumed)
     assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
 
@@ -159,6 +172,7 @@ def test_a_reused_workdir_refuses_another_experiment(straight, tmp_path):
         ("--config=configs/nope.py", "FATAL bad input: --config=configs/nope.py: "),
         ("--config=configs/toy_grpo.py:smok", "config argument 'smok': ['smok'] not among"),
         ("--config.mesh.fsdp=16", "FATAL bad input: config.mesh: mesh data=1 x fsdp=16"),
+        ("--workdir=", "FATAL Flags parsing error: --workdir='' is empty"),  # after the good one
     ],
 )
 def test_bad_config_stops_before_anything_is_written(tmp_path, flag, message):
@@ -208,17 +222,11 @@ def test_paper_recipe_smoke_on_a_tiny_local_model(tmp_path):
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf_final")
     assert reloaded.config.num_hidden_layers == 2
-    # bad data is named before anything is written or the weights are read (here their bytes
-    # are cut off after the header, which check_pretrained reads)
-    broken = tmp_path / "broken_model"
-    shutil.copytree(tmp_path / "model", broken)
-    weights = (broken / "model.safetensors").read_bytes()
-    header_end = 8 + int.from_bytes(weights[:8], "little")
-    (broken / "model.safetensors").write_bytes(weights[: header_end + 16])
+    # bad data is named before anything is written or the weights are read
     no_answers = write_jsonl(tmp_path / "no_answers.jsonl", rows[:3] + [{"problem": "Solve x"}])
     result = train(
         tmp_path / "bad_data_run",
-        f"--config.model.path={broken}",
+        f"--config.model.path={tmp_path / 'model'}",
         f"--config.model.tokenizer_path={tmp_path / 'tokenizer'}",
         f"--config.data.train_files={no_answers}",
         config="--config=configs/qwen2_5_7b_clip_cov.py:smoke",
@@ -245,3 +253,52 @@ def test_paper_recipe_smoke_on_a_tiny_local_model(tmp_path):
     )
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "bad_model_run").exists()
+
+
+def test_limits_known_before_compiling_are_checked_before_anything_is_written(tmp_path):
+    config = load_config("default", "smoke")
+    with config.unlocked():
+        config.rollout.max_new_tokens = 100  # past the toy model's 64 positions
+    with pytest.raises(config_lib.ConfigError) as error:
+        trainer.train(config, str(tmp_path / "run"))
+    assert str(error.value) == (
+        "config.data.max_prompt_length + config.rollout.max_new_tokens = 2 + 100 exceeds the "
+        "model's max_position_embeddings=64"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = tmp_path / "diverged"
+    result = train(
+        workdir, "--config.optim.lr=1e10",  # one update per step: step 0 finite, step 1 not
+        "--config.train.mini_batch_prompts=8", "--config.train.steps=3",
+        "--config.train.checkpoint_interval=1", "--config.train.eval_interval=0",
+        "--config.train.entropy_check_interval=0", "--config.train.cov_dump_interval=0",
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    fatal = [line for line in result.stderr.splitlines() if line.startswith("FATAL")]
+    assert fatal == [
+        "FATAL run failed: step 1: non-finite optim/loss=nan or optim/grad_norm=nan (lower "
+        "config.optim.lr or config.optim.grad_clip); the last checkpoint, 1, resumes"
+    ]
+    assert os.listdir(workdir / "checkpoints") == ["1"] and not (workdir / "hf_final").exists()
+    losses = [r["optim/loss"] for r in records(workdir)]
+    assert math.isfinite(losses[0]) and losses[1:] == [None]
+
+
+def test_a_second_signal_quits_at_once(monkeypatch):
+    exits = []
+
+    def exit_now(status):
+        exits.append(status)
+        raise SystemExit(status)
+
+    monkeypatch.setattr(trainer.os, "_exit", exit_now)
+    with trainer.StopFlag() as stop:
+        signal.raise_signal(signal.SIGINT)  # the first: checkpoint at the end of the step
+        assert stop.set and not exits
+        with pytest.raises(SystemExit):
+            signal.raise_signal(signal.SIGINT)
+    assert exits == [128 + signal.SIGINT]

@@ -43,6 +43,8 @@ _ST_DTYPES = {
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
+# The files one of which every transformers tokenizer loads its vocabulary from.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 # Buffers some checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -61,6 +63,14 @@ class _SafetensorsFile:
         except (struct.error, ValueError) as e:  # too short, or a header that is not JSON
             raise ValueError(f"{path} is not a safetensors file: {e}") from e
         header.pop("__metadata__", None)
+        data_size = os.path.getsize(path) - 8 - header_len
+        for name, info in header.items():  # a file cut short (a failed copy) names its tensor
+            end = info.get("data_offsets", [0, 0])[1]
+            if end > data_size:
+                raise ValueError(
+                    f"{path} is truncated: tensor {name!r} ends at byte {end} of the data, which "
+                    f"holds {data_size} bytes"
+                )
         self.path = path
         self.header = header
         self._data_start = 8 + header_len
@@ -356,6 +366,11 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer folder {path} does not exist")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"tokenizer folder {path} holds no tokenizer files (none of "
+            f"{', '.join(_TOKENIZER_FILES)})"
+        )
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -166,6 +167,19 @@ def _train_supervised(
     return np.asarray(step_losses)
 
 
+def _read_cache(path: Path, model: nnx.Module) -> list[np.ndarray] | None:
+    """The cached parameter values in flattening order, or None (with a warning naming the file
+    and why) for an entry that does not load, which the caller then rebuilds."""
+    try:
+        with np.load(path) as cached:
+            values = [cached[k] for k, _ in _param_leaves(model)]
+    except Exception as error:  # noqa: BLE001 - np.load raises many types on a damaged file
+        logging.warning("toy warm-start cache %s does not load (%s: %s); rebuilding it", path,
+                        type(error).__name__, error)
+        return None
+    return values
+
+
 def warm_start(
     model: nnx.Module,
     *,
@@ -178,13 +192,13 @@ def warm_start(
 
     Deterministic for a given seed; with a cache_dir the result is stored there once
     (toy_<variant>_seed<seed>_<hash>.npz, written atomically) and read back by every later run, so
-    all methods start from bit-identical policies. Returns True when it came from the cache.
+    all methods start from bit-identical policies; an entry that does not load is rebuilt.
+    Returns True when it came from the cache.
     """
     batches = _warm_start_batches(variant, seed, ws)
     path = _cache_path(cache_dir, variant, seed, ws, model, batches) if cache_dir else None
-    if path is not None and path.exists():
-        with np.load(path) as cached:
-            values = [cached[k] for k, _ in _param_leaves(model)]
+    values = _read_cache(path, model) if path is not None and path.exists() else None
+    if values is not None:
         state = nnx.state(model, nnx.Param)
         nnx.update(model, jax.tree.unflatten(jax.tree.structure(state), values))
         return True
