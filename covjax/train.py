@@ -66,8 +66,13 @@ def _config_name() -> str:
 
 
 def _covjax_info_or_library_warning(record: pylogging.LogRecord) -> bool:
-    """Keeps covjax's INFO lines and the libraries' warnings (orbax logs each save at INFO)."""
-    return record.levelno >= pylogging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+    """Keeps covjax's INFO lines and the libraries' warnings (orbax logs each save at INFO), these
+    without their tracebacks (orbax logs a failed background save's from each of its threads;
+    covjax's own line names what failed)."""
+    if record.pathname.startswith(_PACKAGE_DIR):
+        return True
+    record.exc_info, record.exc_text = None, None
+    return record.levelno >= pylogging.WARNING
 
 
 def main(argv: list[str]) -> None:
