@@ -118,17 +118,25 @@ def _rollout_rows(rollout: Rollout, rows: np.ndarray) -> Rollout:
     )
 
 
-def score_split(task: Task, rollout: Rollout, truths: Sequence) -> np.ndarray:
-    """Rewards [N] of every response; each process scores its own slice (multihost.process_rows)
-    and the slices are all-gathered, so every process returns the same array."""
+def score_split(task: Task, rollout: Rollout, truths: Sequence) -> tuple[np.ndarray, dict]:
+    """(Rewards [N] of every response, the means of the task's per-row score metrics over every
+    response); each process scores its own slice (multihost.process_rows) and the slices are
+    all-gathered, so every process returns the same."""
     num_rows = rollout.lengths.shape[0]
     if jax.process_count() == 1:
-        return task.score(rollout, truths)
+        rewards = task.score(rollout, truths)
+        return rewards, {k: float(v.mean()) for k, v in task.score_metrics().items()}
     rows = multihost.process_rows(num_rows)
-    local = np.zeros(-(-num_rows // jax.process_count()), np.float32)
+    per = -(-num_rows // jax.process_count())
+    local = np.zeros((per, 1 + len(task.score_metrics())), np.float32)
     if rows.size:
-        local[: rows.size] = task.score(_rollout_rows(rollout, rows), truths)
-    return multihost.host_concat(local)[:num_rows]
+        local[: rows.size, 0] = task.score(_rollout_rows(rollout, rows), truths)
+        for i, values in enumerate(task.score_metrics().values()):
+            local[: rows.size, 1 + i] = values
+    gathered = multihost.host_concat(local)[:num_rows]
+    return gathered[:, 0], {
+        k: float(gathered[:, 1 + i].mean()) for i, k in enumerate(task.score_metrics())
+    }
 
 
 def collect_rollouts(task: Task, sampler: Sampler, config, rng: jax.Array) -> StepData:
@@ -152,7 +160,7 @@ def collect_rollouts(task: Task, sampler: Sampler, config, rng: jax.Array) -> St
         t0 = time.perf_counter()
         rollout = sampler.generate(prompts, params, rng=jax.random.fold_in(rng, round_index))
         t1 = time.perf_counter()
-        rewards = score_split(task, rollout, truths)
+        rewards, score_means = score_split(task, rollout, truths)
         t_gen, t_score = t_gen + t1 - t0, t_score + time.perf_counter() - t1
         if round_index == 0:
             first = (rollout, np.arange(rewards.size), np.zeros_like(rewards))
@@ -163,7 +171,7 @@ def collect_rollouts(task: Task, sampler: Sampler, config, rng: jax.Array) -> St
                     names.RESPONSE_LENGTH_MEAN: float(rollout.lengths.mean()),
                     "response_length/max": float(rollout.lengths.max()),
                     "response_length/frac_truncated": float((~rollout.stopped).mean()),
-                    **task.score_metrics(),  # of this process's slice (score_split)
+                    **score_means,
                 }
             )
         informative = np.asarray(advantages_lib.group_filter(rewards, rollout.group_ids))

@@ -97,11 +97,19 @@ def hostile(box, tmp_path_factory):
         "os_system": "import os\nos.system('echo from-shell; sleep 100 &')",
         "close_stdout": "import os\nos.close(1)\nprint(42)",
         "ignore_stdin": "print(41)",
+        "link_to_root": "import os\nos.symlink('/', 'root')\nos.symlink('/etc/passwd', 'pw')",
+        "lock_directory": "import os\nos.mkdir('sub')\nos.chmod('sub', 0)\nos.chmod('.', 0)",
+        "leave_session": (
+            "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(100)\n"
+            "print('left')"
+        ),
+        "forge_counts": "import os\nopen('output.txt', 'w').write('1 1')\nos._exit(0)",
     }
     names = list(programs)
     specs = {n: code.parse_ground_truth(TRUTH) for n in names}
     specs["ignore_stdin"] = {"inputs": ["9\n" * (1 << 20)], "outputs": ["42\n"]}  # 2 MB unread
     specs["infinite_loop"] = {"inputs": ["1\n"] * 5, "outputs": ["42\n"] * 5}
+    specs["forge_counts"] = {"pytest": sandbox.SELF_TEST_PYTEST}  # '1 1' would be a pass
     t0 = time.monotonic()
     runs = box.run_many([code.make_job(f"```python\n{programs[n]}\n```", specs[n]) for n in names])
     elapsed = time.monotonic() - t0
@@ -123,7 +131,7 @@ def hostile(box, tmp_path_factory):
 
 def test_every_hostile_program_scores_zero_within_its_limits(box, hostile):
     assert all(score == 0.0 for score, _ in hostile.results.values()), hostile.results
-    # 13 programs on 2 workers, each at most its 3 s budget + start-up
+    # 17 programs on 2 workers, each at most its 3 s budget + start-up
     assert hostile.elapsed < 7 * (LIMITS.program_s + sandbox.STARTUP_S)
     status = {n: r[0].status for n, (_, r) in hostile.results.items()}
     assert status["infinite_loop"] == "timeout"
@@ -135,6 +143,9 @@ def test_every_hostile_program_scores_zero_within_its_limits(box, hostile):
     assert status["kill_parent"] == "killed"  # it killed the harness, the test is lost
     assert hostile.results["ignore_stdin"][1][0].output == "41\n"
     assert "from-shell" in hostile.results["os_system"][1][0].output
+    assert status["link_to_root"] == status["lock_directory"] == "ok"
+    assert hostile.results["leave_session"][1][0].output == "left\n"
+    assert hostile.results["forge_counts"][1][0].output == ""  # pytest never reported
 
 
 def test_the_program_budget_stops_its_tests(hostile):
@@ -160,6 +171,16 @@ def test_no_process_or_file_is_left(box, hostile):
     assert _harness_processes() == []
     leftovers = [p for p in os.listdir(tempfile.gettempdir()) if p.startswith("covjax-sandbox-")]
     assert leftovers == []
+
+
+def test_a_process_that_left_the_session_is_killed_without_a_uid(box):
+    """Without a uid of its own (no root) only the harness, a child subreaper, can find it."""
+    job = code.make_job(
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(100)\nprint(1)",
+        code.parse_ground_truth(TRUTH),
+    )
+    assert box._run(job, None)[0].output == "1\n"
+    assert _harness_processes() == []
 
 
 def test_network_and_host_files_by_level(box, hostile):
@@ -207,13 +228,11 @@ def test_without_bubblewrap_auto_falls_back_with_one_warning(monkeypatch, caplog
     assert len(warnings) == 1 and "apt-get install bubblewrap" in warnings[0].getMessage()
 
 
-def test_bad_settings_and_a_sandbox_that_cannot_score_fail_at_start(monkeypatch, caplog):
+def test_bad_settings_fail_and_pytest_that_cannot_run_warns_at_start(monkeypatch, caplog):
     with pytest.raises(ValueError, match="isolation='none'"):
         sandbox.isolation_level("none")
     with pytest.raises(ValueError, match="workers"):
         Sandbox(workers=sandbox.MAX_WORKERS + 1, isolation="rlimit")
-    with pytest.raises(RuntimeError, match="a known program fails"):
-        Sandbox(Limits(memory_mb=1), workers=1, isolation="rlimit")  # Python cannot start
     monkeypatch.setattr(sandbox, "SELF_TEST_PYTEST", "def test_x():\n    assert False\n")
     Sandbox(workers=1, isolation="rlimit").close()
     assert "pytest does not run in it" in caplog.text

@@ -17,11 +17,11 @@ from helpers import TINY_SHAPE, make_tokenizer, tiny_hf_model, write_jsonl
 
 from covjax import config as config_lib
 from covjax import data, trainer
-from covjax.rewards import code
+from covjax.rewards import code, sandbox
 from covjax.rewards.sandbox import Outcome
 from covjax.sampler import Rollout, SamplingParams, decode_responses
 from covjax.tasks import load_task
-from covjax.tasks.code import CodeTask
+from covjax.tasks.code import CodeTask, make_sandbox
 
 # program token -> its fraction passed on (stdin problem, call problem, KodCode problem)
 PROGRAMS = {
@@ -199,8 +199,22 @@ def test_known_programs_score_as_expected(setup):
     rewards = task.score(rollout, [truths[j] for j in layout])
     expected = np.asarray([PROGRAMS[p][j] for p, j in zip(programs, layout, strict=True)])
     np.testing.assert_array_equal(rewards, (expected == 1.0).astype(np.float32))
-    assert task.score_metrics() == {"reward/code_pass_frac": pytest.approx(expected.mean())}
+    np.testing.assert_array_equal(task.score_metrics()["reward/code_pass_frac"], expected)
     assert task.eval_score(["```python\nadd=lambda*a:sum(a)\n```"], truths[1:2]) == [1.0]
+
+
+def test_sandbox_errors_name_the_config_keys(monkeypatch):
+    c = config_lib.base_config().data.code
+    c.workers = sandbox.MAX_WORKERS + 1
+    with pytest.raises(ValueError, match=r"^config\.data\.code\.workers must be in \[1, 64\]"):
+        make_sandbox(c)
+    c.workers, c.isolation = 1, "bwrap"
+    monkeypatch.setattr(sandbox, "_bwrap_works", lambda: "bwrap is not installed")
+    with pytest.raises(ValueError, match=r"^config\.data\.code\.isolation='bwrap' is not avail"):
+        make_sandbox(c)
+    c.isolation, c.memory_mb = "rlimit", 1  # Python cannot start
+    with pytest.raises(ValueError, match=r"^config\.data\.code: .*a known program fails"):
+        make_sandbox(c)
 
 
 class _KnownSampler:

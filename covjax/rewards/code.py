@@ -98,7 +98,7 @@ def _call_passes(output: str, expected: Any) -> bool:
 def fraction_passed(runs: Sequence[Outcome], spec: dict[str, Any]) -> float:
     """The fraction of the spec's tests that `runs` (the sandbox's) pass."""
     if "pytest" in spec:
-        try:  # the program could have written over the counts: then it passes nothing
+        try:  # no counts (the program exited before pytest reported): it passes nothing
             passed, collected = (int(x) for x in runs[0].output.split())
         except ValueError:
             return 0.0

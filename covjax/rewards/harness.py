@@ -16,7 +16,12 @@ sandbox. Job kinds:
 - ``call``: run ``solution.py`` as a module and call ``fn_name(*args)`` (or the method of a
   ``Solution`` instance, LeetCode style); the output is the JSON of the return value.
 - ``pytest``: run ``pytest test_solution.py`` (which imports ``solution``) with a wall-clock
-  limit per test function; the output is ``"<passed> <collected>"``.
+  limit per test function; the output is ``"<passed> <collected>"``, which the child writes to
+  a pipe the harness reads (the program runs in pytest's process, so it could write there too,
+  but a program that exits early, before pytest reports, passes nothing).
+
+A child subreaper, the harness inherits every process a test leaves outside its process group
+and kills them after each test.
 """
 
 import ctypes
@@ -31,6 +36,7 @@ import sys
 import time
 
 PR_SET_DUMPABLE = 4  # prctl option: the children may not open /proc/<harness>/fd or ptrace it
+PR_SET_CHILD_SUBREAPER = 36  # prctl option: orphans of the tests become the harness's children
 
 
 def _limit(which: int, value: int) -> None:
@@ -48,7 +54,9 @@ def _setup(job: dict) -> None:
         os.setgroups([])
         os.setgid(job["uid"])
         os.setuid(job["uid"])
-    ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    libc = ctypes.CDLL(None)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def _call(fn_name: str, args: list, out_fd: int) -> None:
@@ -95,8 +103,10 @@ def _pytest(test_s: float, out_fd: int) -> None:
     os.write(out_fd, f"{counter.passed} {counter.collected}".encode())
 
 
-def _child(job: dict, test, cpu_s: int, result_fd: int) -> None:
-    """The forked child of one test: its own process group, limits, files; never returns."""
+def _child(job: dict, test, cpu_s: int, result_fd: int, counts_fd: int) -> None:
+    """The forked child of one test: its own process group, limits, files; never returns.
+    pytest's counts go to `counts_fd`, a pipe the harness reads, not a file the program could
+    write before it exits."""
     code = 1
     try:
         os.setpgid(0, 0)
@@ -121,7 +131,7 @@ def _child(job: dict, test, cpu_s: int, result_fd: int) -> None:
         elif job["kind"] == "call":
             _call(job["fn_name"], test, output)
         else:
-            _pytest(job["test_s"], output)
+            _pytest(job["test_s"], counts_fd)
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -153,6 +163,28 @@ def _wait(pid: int, wall_s: float) -> tuple[int, bool, float]:
     return status, expired, usage.ru_utime + usage.ru_stime
 
 
+def _kill_orphans() -> None:
+    """Kills what a test left outside its process group (it called setsid, say): a child
+    subreaper, the harness inherits those processes, so its children are all that is left."""
+    me = os.getpid()
+    for _ in range(100):
+        children = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    parent = int(f.read().rpartition(b")")[2].split()[1])
+            except (OSError, ValueError):  # it exited meanwhile
+                continue
+            if parent == me:
+                children.append(int(pid))
+        if not children:
+            return
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)  # its children become the harness's in turn
+        for pid in children:
+            os.waitpid(pid, 0)
+
+
 def _status(status: int, expired: bool) -> str:
     if expired:
         return "timeout"
@@ -178,17 +210,28 @@ def main() -> None:
             results.write(json.dumps({"status": "budget", "output": ""}) + "\n")
             continue
         cpu_s = max(1, int(min(test_s, cpu_left) + 0.999))  # RLIMIT_CPU counts whole seconds
+        counts_r, counts_w = os.pipe()
         start = time.monotonic()
         pid = os.fork()
         if pid == 0:
-            _child(job, test, cpu_s, results.fileno())
+            os.close(counts_r)
+            _child(job, test, cpu_s, results.fileno(), counts_w)
+        os.close(counts_w)
         status, expired, cpu = _wait(pid, min(test_s, wall_left))
+        _kill_orphans()
         wall = time.monotonic() - start
         wall_left, cpu_left = wall_left - wall, cpu_left - cpu
         output = b""
-        if os.path.isfile("output.txt"):
+        if job["kind"] == "pytest":
+            os.set_blocking(counts_r, False)
+            try:
+                output = os.read(counts_r, 64)
+            except BlockingIOError:  # the program exited before pytest reported
+                pass
+        elif os.path.isfile("output.txt"):
             with open("output.txt", "rb") as f:
                 output = f.read(job["output_bytes"] + 1)
+        os.close(counts_r)
         result = _status(status, expired)
         if result == "ok" and len(output) > job["output_bytes"]:
             result = "output_limit"

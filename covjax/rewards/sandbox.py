@@ -6,8 +6,10 @@ runs covjax/rewards/harness.py in a fresh interpreter, which runs each test in a
 reports its output (the sandbox compares nothing: see covjax.rewards.code). Every program gets:
 
 - its own session and process group, killed as a whole, with every process it left, when the
-  program ends or overruns; a wall-clock and a CPU-time limit per test (the harness) and per
-  program (the harness's budget, and a hard kill of the whole sandbox here);
+  program ends or overruns (the harness is a child subreaper: it inherits and kills what a test
+  left outside its group, and its descendants are killed with it); a wall-clock and a CPU-time
+  limit per test (the harness) and per program (the harness's budget, and a hard kill of the
+  whole sandbox here);
 - rlimits on address space, processes, file size (its standard output included) and open
   files; as root, its own uid (one per pool slot), so the process limit is its own, it cannot
   signal or delete what is not its, and every process of that uid is killed afterwards;
@@ -204,25 +206,34 @@ def _environment() -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", os.defpath)}
 
 
-def _session_and_uid(pid: str) -> tuple[int, int]:
+def _session_uid_parent(pid: str) -> tuple[int, int, int]:
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rpartition(b")")[2].split()  # after "pid (comm)"
-    return int(fields[3]), os.stat(f"/proc/{pid}").st_uid
+    return int(fields[3]), os.stat(f"/proc/{pid}").st_uid, int(fields[1])
 
 
 def kill_all(session: int, uid: int | None) -> int:
-    """Kills every process of `session` and, when given, of `uid` (processes that left the
-    session); returns how many were found. Repeats until none is left."""
+    """Kills every process of `session`, every descendant of its leader (the harness is a child
+    subreaper, so they include processes that left the session while it lived) and, when given,
+    every process of `uid`; returns how many were found. Repeats until none is left."""
     found = 0
     for _ in range(100):
-        victims = []
+        processes = {}
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                sid, owner = _session_and_uid(pid)
+                processes[int(pid)] = _session_uid_parent(pid)
             except (OSError, ValueError):  # it exited meanwhile
                 continue
-            if sid == session or (uid is not None and owner == uid):
-                victims.append(int(pid))
+        victims = {
+            pid
+            for pid, (sid, owner, _) in processes.items()
+            if sid == session or (uid is not None and owner == uid)
+        }
+        grown = True
+        while grown:  # the leader's descendants, whatever their session
+            below = {p for p, (_, _, parent) in processes.items() if parent in victims}
+            grown = not below <= victims
+            victims |= below
         for pid in victims:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -246,11 +257,18 @@ def _own_processes() -> int:
 
 
 def _remove(path: str) -> None:
-    """Deletes a working directory whatever the program did to its permissions."""
-    for root, dirs, _ in os.walk(path):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), 0o700, follow_symlinks=False)
-    shutil.rmtree(path)
+    """Deletes a working directory whatever the program did to it (its permissions, links to
+    elsewhere, which are removed and never followed); a failure is logged, never raised, so a
+    hostile program cannot stop the training step."""
+    try:
+        os.chmod(path, 0o700)
+        for root, dirs, _ in os.walk(path):
+            for name in dirs:  # os.walk descends into them after this, so they must open
+                if not os.path.islink(os.path.join(root, name)):
+                    os.chmod(os.path.join(root, name), 0o700)
+        shutil.rmtree(path)
+    except OSError as error:
+        logging.warning("code sandbox: could not delete %s: %s", path, error)
 
 
 class Sandbox:

@@ -29,8 +29,10 @@ class Task(Protocol):
     def score(self, rollout: Rollout, truths: Sequence) -> np.ndarray:
         """Rewards [N] float32; row i answers prompt rollout.group_ids[i]."""
 
-    def score_metrics(self) -> dict[str, float]:
-        """Metrics of the last `score` call beside the rewards (the code task's pass fraction)."""
+    def score_metrics(self) -> dict[str, np.ndarray]:
+        """Per-row metrics [N] of the last `score` call beside the rewards (the code task's pass
+        fraction), by name; the same names before and after every call (covjax.rollouts logs
+        their means over every process's rows)."""
 
     def evaluate(self, sampler: Sampler, rng: jax.Array, params: SamplingParams
                  ) -> dict[str, float]:

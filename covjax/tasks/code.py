@@ -15,10 +15,16 @@ from covjax.tasks.math import MathTask
 
 
 def make_sandbox(code_config) -> Sandbox:
-    """The sandbox of config.data.code (workers 0: one per core)."""
+    """The sandbox of config.data.code (workers 0: one per core); ValueError naming the key of
+    a setting it refuses, or saying that a known program fails in it."""
     c = code_config
     limits = Limits(test_s=c.test_s, program_s=c.program_s, memory_mb=c.memory_mb)
-    return Sandbox(limits, workers=c.workers or None, isolation=c.isolation)
+    try:
+        return Sandbox(limits, workers=c.workers or None, isolation=c.isolation)
+    except ValueError as error:  # its message starts with the setting's name
+        raise ValueError(f"config.data.code.{error}") from error
+    except RuntimeError as error:  # the self-test: nothing could be scored with these settings
+        raise ValueError(f"config.data.code: {error}") from error
 
 
 def eval_scorer(sandbox: Sandbox) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
@@ -50,5 +56,5 @@ class CodeTask(MathTask):
         )
         return rewards
 
-    def score_metrics(self) -> dict[str, float]:
-        return {names.CODE_PASS_FRAC: float(self._fractions.mean())} if self._fractions.size else {}
+    def score_metrics(self) -> dict[str, np.ndarray]:
+        return {names.CODE_PASS_FRAC: self._fractions}

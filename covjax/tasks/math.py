@@ -60,7 +60,7 @@ class MathTask:
             math_reward.score_batch(responses, [truths[g] for g in rollout.group_ids]), np.float32
         )
 
-    def score_metrics(self) -> dict[str, float]:
+    def score_metrics(self) -> dict[str, np.ndarray]:
         return {}
 
     def state(self) -> dict[str, int]:

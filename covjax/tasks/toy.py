@@ -226,7 +226,7 @@ class ToyTask:
     def score(self, rollout: Rollout, truths: Sequence[int]) -> np.ndarray:
         return score_rollout(rollout, truths, self.variant)
 
-    def score_metrics(self) -> dict[str, float]:
+    def score_metrics(self) -> dict[str, np.ndarray]:
         return {}
 
     def state(self) -> dict[str, int]:
