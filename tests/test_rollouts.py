@@ -1,5 +1,7 @@
 """covjax.rollouts: dynamic sampling's refill and padding, the mini-batch order, the batch."""
 
+import types
+
 import jax
 import numpy as np
 import pytest
@@ -139,3 +141,34 @@ def test_rollout_slots_from_config_or_memory_and_refusals():
         _slots(0, 20e9)
     with pytest.raises(ConfigError, match=r"config.rollout.slots_per_device=500: \d+ KV caches"):
         _slots(500, limit)
+
+
+class _RowTask:
+    """Rewards [rows] = each row's prompt index; its per-row metric is twice that."""
+
+    def score(self, rollout, truths):
+        self.rewards = rollout.tokens[:, 1].astype(np.float32)
+        return self.rewards
+
+    def score_metrics(self):
+        return {"m": 2 * self.rewards}
+
+
+def test_score_split_gathers_rewards_and_metrics_of_every_process(monkeypatch):
+    """3 processes share 4 rows (2, 2 and none): every process gets all 4 rewards and the
+    metric's mean over all 4, the one with no rows included."""
+    rollout = _FakeSampler().generate([[1, 3], [1, 5]], types.SimpleNamespace(n=2), rng=None)
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    slices = []
+    monkeypatch.setattr(rollouts.multihost, "host_concat",
+                        lambda x: slices.append(x) or np.concatenate([x] * 3))
+    task = _RowTask()
+    task.rewards = np.full(2, 9.0, np.float32)  # what a process with no rows must not report
+    for p in (2, 0, 1):  # the empty slice first: its metric is a stale one
+        monkeypatch.setattr(jax, "process_index", lambda p=p: p)
+        rollouts.score_split(task, rollout, None)
+    monkeypatch.setattr(rollouts.multihost, "host_concat",
+                        lambda x: np.concatenate([slices[1], slices[2], slices[0]]))
+    rewards, means = rollouts.score_split(task, rollout, None)
+    np.testing.assert_array_equal(rewards, [3, 3, 5, 5])
+    assert means == {"m": pytest.approx(2 * 4.0)}

@@ -25,6 +25,8 @@ Isolation levels (`isolation_level`), stated in the log when a `Sandbox` starts:
   namespace.
 - ``rlimit``: without bubblewrap, the limits, the directory and (as root) the uid still hold,
   but the program can reach the network and read whatever its uid may read; the log warns once.
+  Without a uid of its own, a program that kills the harness can leave a process that left its
+  session running (nothing then links it to the sandbox).
 """
 
 from __future__ import annotations
