@@ -6,13 +6,14 @@ import json
 import os
 import pathlib
 import socket
+import subprocess
 import tempfile
 import time
 import types
 
 import pytest
 
-from covjax.rewards import code, sandbox
+from covjax.rewards import code, harness, sandbox
 from covjax.rewards.sandbox import Limits, Sandbox
 from tests.helpers import REPO
 
@@ -181,6 +182,24 @@ def test_a_process_that_left_the_session_is_killed_without_a_uid(box):
     )
     assert box._run(job, None)[0].output == "1\n"
     assert _harness_processes() == []
+
+
+def test_the_harness_finds_its_children_with_and_without_the_kernels_list(monkeypatch):
+    child = subprocess.Popen(["sleep", "10"])
+    try:
+        listed = harness._children()
+        real_open = open
+
+        def no_children_file(path, *args, **kwargs):
+            if str(path).endswith("/children"):
+                raise FileNotFoundError(path)
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(harness, "open", no_children_file, raising=False)
+        assert child.pid in listed and sorted(harness._children()) == sorted(listed)
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_network_and_host_files_by_level(box, hostile):

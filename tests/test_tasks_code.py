@@ -6,6 +6,7 @@ programs in the sandbox, and one RL step end to end on a tiny random Qwen2 (samp
 The tiny model's word-level vocabulary holds whole programs as single tokens (programs without
 a space), so a sampled response is a program whose score is known in advance."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -203,7 +204,8 @@ def test_known_programs_score_as_expected(setup):
     assert task.eval_score(["```python\nadd=lambda*a:sum(a)\n```"], truths[1:2]) == [1.0]
 
 
-def test_sandbox_errors_name_the_config_keys(monkeypatch):
+def test_sandbox_errors_name_the_config_keys(setup, tmp_path, monkeypatch):
+    """make_sandbox's, and the trainer's one line (a ConfigError) before anything is written."""
     c = config_lib.base_config().data.code
     c.workers = sandbox.MAX_WORKERS + 1
     with pytest.raises(ValueError, match=r"^config\.data\.code\.workers must be in \[1, 64\]"):
@@ -215,6 +217,11 @@ def test_sandbox_errors_name_the_config_keys(monkeypatch):
     c.isolation, c.memory_mb = "rlimit", 1  # Python cannot start
     with pytest.raises(ValueError, match=r"^config\.data\.code: .*a known program fails"):
         make_sandbox(c)
+    run = copy.deepcopy(setup["config"])
+    run.data.code.isolation = "bwrap"
+    with pytest.raises(config_lib.ConfigError, match=r"^config\.data\.code\.isolation='bwrap'"):
+        trainer.train(run, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 class _KnownSampler:
