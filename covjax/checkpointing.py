@@ -10,6 +10,7 @@ would have done.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -21,7 +22,9 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from covjax import multihost
 from covjax.config import ConfigError, flatten, to_json
 from covjax.data import split_files, split_named_files
 
@@ -95,21 +98,27 @@ def restore(manager: ocp.CheckpointManager, step: int, like: Any) -> tuple[Any, 
 
 
 def restore_newest(manager: ocp.CheckpointManager, like: Any) -> tuple[Any, dict[str, Any]]:
-    """(state, meta) of the newest checkpoint that restores. A newer one that does not (files
-    cut short by a crash) is skipped with a warning naming its step and why, and moved aside to
-    <step>.unrestorable so the resumed run can save that step again; CheckpointError if none
-    restores."""
+    """(state, meta) of the newest checkpoint that restores on every process. A newer one that
+    does not (files cut short by a crash) is skipped with a warning naming its step and why, and
+    moved aside to <step>.unrestorable so the resumed run can save that step again; every
+    process decides each step together (collective), so all resume from the same one.
+    CheckpointError if none restores."""
     skipped = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            return restore(manager, step, like)
+            restored, why = restore(manager, step, like), ""
         except Exception as error:  # noqa: BLE001 - whatever the cause, an older one may restore
-            why = _one_line(error)
+            restored, why = None, _one_line(error)
+        if not multihost.any_process(bool(why)):
+            return restored
+        why = why or "it does not restore on another process"
         skipped.append(f"checkpoint {step}: {why}")
         logging.warning("%s/%d does not restore (%s): skipped", manager.directory, step, why)
         if jax.process_index() == 0:
             aside = Path(manager.directory) / f"{step}.unrestorable"
             os.replace(Path(manager.directory) / str(step), aside)
+        if jax.process_count() > 1:  # no process lists the step again before it is moved
+            multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
         manager.reload()
     raise CheckpointError(
         f"{manager.directory}: no checkpoint restores ({'; '.join(skipped)}); "
@@ -120,33 +129,45 @@ def restore_newest(manager: ocp.CheckpointManager, like: Any) -> tuple[Any, dict
 @contextlib.contextmanager
 def workdir_lock(workdir: Path) -> Iterator[None]:
     """Holds WORKDIR/lock while the block runs (process 0 of a run), so two runs never write one
-    workdir. A lock held by a live process raises config.ConfigError naming its host and pid;
-    one left by a dead process of this host is taken over with a warning."""
+    workdir. The lock is an exclusive flock on the file, which the kernel releases when its holder
+    dies however it dies; the file's {"host", "pid"} only names the holder. A held lock raises
+    config.ConfigError naming its host and pid; a file left by a holder that died is taken over
+    with a warning naming it."""
     if jax.process_index() != 0:
         yield
         return
     path = workdir / LOCK_FILE
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            holder = _lock_holder(path)
-            if not _is_stale(holder):
-                raise ConfigError(
-                    f"{path}: another run is using this workdir (host {holder.get('host')}, pid "
-                    f"{holder.get('pid')}); wait for it to end, "
-                    "or remove the file if that process is gone"
-                ) from None
-            logging.warning("%s: taking over a stale lock (pid %s of this host is not running)",
-                            path, holder["pid"])
-            path.unlink(missing_ok=True)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
+    fd, left = _acquire(path)
     try:
+        if left:
+            logging.warning("%s: taking over a stale lock (host %s, pid %s no longer holds it)",
+                            path, left.get("host"), left.get("pid"))
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
         yield
     finally:
-        path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # while still locked, so no contender locks a removed file
+        os.close(fd)
+
+
+def _acquire(path: Path) -> tuple[int, dict[str, Any]]:
+    """(descriptor of `path` holding its flock, the {"host", "pid"} a dead holder left in it);
+    config.ConfigError naming the holder if another process holds it."""
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = _lock_holder(path)
+            raise ConfigError(
+                f"{path}: another run is using this workdir (host {holder.get('host')}, pid "
+                f"{holder.get('pid')}); wait for it to end"
+            ) from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd, _lock_holder(path)
+        os.close(fd)  # its holder released and removed it while this one waited: open it anew
 
 
 def _lock_holder(path: Path) -> dict[str, Any]:
@@ -156,19 +177,6 @@ def _lock_holder(path: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError):
         return {}
     return holder if isinstance(holder, dict) else {}
-
-
-def _is_stale(holder: dict[str, Any]) -> bool:
-    """Whether the lock's holder is a process of this host that no longer runs."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        return False  # another host's process cannot be checked from here
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
 
 
 # Keys a resumed run may change: how the run is executed, not what it computes. Its parameters,

@@ -7,6 +7,9 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+import threading
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -94,6 +97,21 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_that_restores(tmp_
     manager.close()
 
 
+def test_a_checkpoint_that_fails_on_another_process_is_skipped_on_every_one(
+    tmp_path, monkeypatch, caplog
+):
+    _saved(tmp_path, [2, 4]).close()
+    votes = iter([True, False])  # another process failed to restore 4; every process restores 2
+    monkeypatch.setattr(checkpointing.multihost, "any_process", lambda failed: next(votes))
+    manager = checkpointing.make_manager(tmp_path)
+    with caplog.at_level("WARNING"):
+        state, meta = checkpointing.restore_newest(manager, _state(0.0))
+    assert meta == {"step": 2} and np.all(np.asarray(state["w"]) == 2.0)
+    assert "/4 does not restore (it does not restore on another process)" in caplog.text
+    assert manager.all_steps() == [2] and (tmp_path / "checkpoints" / "4.unrestorable").is_dir()
+    manager.close()
+
+
 def test_no_checkpoint_that_restores_is_one_error(tmp_path):
     _saved(tmp_path, [2]).close()
     _truncate(tmp_path / "checkpoints" / "2")
@@ -137,21 +155,56 @@ def test_a_failed_background_save_raises_naming_the_folder(full_disk):
     assert manager.all_steps() == []
 
 
-def test_a_workdir_lock_names_its_holder_and_a_stale_one_is_taken_over(tmp_path, caplog):
+_HOLD_LOCK = """
+import sys, pathlib
+from covjax import checkpointing
+with checkpointing.workdir_lock(pathlib.Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_workdir_lock_held_by_another_process_is_refused_and_taken_over_once_it_dies(
+    tmp_path, caplog
+):
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    with pytest.raises(config_lib.ConfigError) as error, checkpointing.workdir_lock(tmp_path):
+        pass
+    assert f"another run is using this workdir (host {socket.gethostname()}, pid {holder.pid})" in (
+        str(error.value)
+    )
+    holder.kill()  # as SIGKILL or a preemption would: the file stays, its flock goes
+    holder.wait()
     lock = tmp_path / checkpointing.LOCK_FILE
-    with checkpointing.workdir_lock(tmp_path):
+    with caplog.at_level("WARNING"), checkpointing.workdir_lock(tmp_path):
         assert json.loads(lock.read_text()) == {"host": socket.gethostname(), "pid": os.getpid()}
-        with pytest.raises(config_lib.ConfigError) as error, checkpointing.workdir_lock(tmp_path):
-            pass
-    assert f"host {socket.gethostname()}, pid {os.getpid()}" in str(error.value)
+    assert (f"taking over a stale lock (host {socket.gethostname()}, pid {holder.pid} no longer "
+            "holds it)") in caplog.text
     assert not lock.exists()  # released
+
+
+def test_of_contenders_for_a_stale_lock_exactly_one_wins(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
-    with caplog.at_level("WARNING"), checkpointing.workdir_lock(tmp_path):
-        assert json.loads(lock.read_text())["pid"] == os.getpid()
-    assert f"taking over a stale lock (pid {dead.pid} of this host is not running)" in caplog.text
-    lock.write_text(json.dumps({"host": "another-host", "pid": dead.pid}))  # cannot be checked
-    with pytest.raises(config_lib.ConfigError, match="host another-host, pid"):
-        with checkpointing.workdir_lock(tmp_path):
-            pass
+    stale = {"host": socket.gethostname(), "pid": dead.pid}
+    (tmp_path / checkpointing.LOCK_FILE).write_text(json.dumps(stale))
+    contenders = 8
+    barrier, won, refused = threading.Barrier(contenders), [], []
+
+    def contend():
+        barrier.wait()
+        try:
+            with checkpointing.workdir_lock(tmp_path):
+                won.append(1)
+                time.sleep(0.5)  # held while the others try
+        except config_lib.ConfigError:
+            refused.append(1)
+
+    threads = [threading.Thread(target=contend) for _ in range(contenders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (len(won), len(refused)) == (1, contenders - 1)
