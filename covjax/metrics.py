@@ -198,14 +198,15 @@ def _naming(path: Path) -> Iterator[None]:
 
 def _read_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """(line, record) of every line of a metrics.jsonl. A torn last line (a crash mid-write) is
-    dropped with a warning; any other line that is not JSON raises ValueError naming the line."""
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    dropped with a warning; any other line that is not JSON raises ValueError naming the line (its
+    number in the file, blank lines counted)."""
+    lines = [(n, ln) for n, ln in enumerate(path.read_text().splitlines(), start=1) if ln.strip()]
     out = []
-    for number, line in enumerate(lines, start=1):
+    for number, line in lines:
         try:
             out.append((line, json.loads(line)))
         except json.JSONDecodeError as error:
-            if number < len(lines):
+            if number < lines[-1][0]:
                 raise ValueError(f"{path}: line {number} is not JSON ({error})") from error
             logging.warning("%s: its last line %d is torn (%s); dropped", path, number, error)
     return out

@@ -182,3 +182,10 @@ def test_resume_drops_a_torn_last_line_with_a_warning(tmp_path, caplog):
     path.write_text(lines[0] + "\n{oops\n" + lines[1] + "\n")  # not a crash: named, kept
     with pytest.raises(ValueError, match=r"metrics\.jsonl: line 2 is not JSON"):
         metrics.MetricsWriter(tmp_path, resume_step=3)
+    path.write_text(lines[0] + "\n\n\n{oops\n" + lines[1] + "\n")  # blank lines counted
+    with pytest.raises(ValueError, match=r"metrics\.jsonl: line 4 is not JSON"):
+        metrics.MetricsWriter(tmp_path, resume_step=3)
+    path.write_text("\n".join(lines) + "\n\n" + '{"step": 3, "reward/me')
+    with caplog.at_level("WARNING"):
+        metrics.MetricsWriter(tmp_path, resume_step=3).close()
+    assert f"{path}: its last line 5 is torn" in caplog.text
