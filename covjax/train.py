@@ -102,7 +102,9 @@ def main(argv: list[str]) -> None:
     except config_lib.ConfigError as error:
         cli.fail(str(error), kind="bad input")
     except trainer.RunFailed as error:
-        cli.fail(str(error), kind="run failed")
+        # the checkpoint in flight is written (trainer._stop_run); the interpreter's shutdown
+        # would only add the orbax threads' tracebacks after the one line
+        cli.fail(str(error), kind="run failed", at_once=True)
     except trainer.StoppedBySignal as stopped:
         # exit as a process killed by the signal would, so `train && eval` does not go on
         logging.warning("%s", stopped)

@@ -302,3 +302,13 @@ def test_a_second_signal_quits_at_once(monkeypatch):
         with pytest.raises(SystemExit):
             signal.raise_signal(signal.SIGINT)
     assert exits == [128 + signal.SIGINT]
+
+
+def test_a_failed_run_ends_with_its_one_line_without_the_interpreter_shutdown():
+    # a non-daemon thread stands for orbax's: a shutdown would wait for it (forever, here)
+    script = ("import threading, time; from covjax import cli; "
+              "threading.Thread(target=time.sleep, args=(600,)).start(); "
+              "cli.fail('disk full\\nat /x', kind='run failed', at_once=True)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (1, "FATAL run failed: disk full at /x\n")
