@@ -157,6 +157,17 @@ def main(argv: Sequence[str]) -> None:
         tokenizer = load_tokenizer(tokenizer_dir)
     except (OSError, ValueError) as e:
         cli.fail(f"--tokenizer={tokenizer_dir}: {e}")
+    score_fn = None
+    if _TASK.value == "code":  # before the data: the sandbox's start-up self-test is quick
+        from covjax import config as config_lib
+        from covjax.tasks.code import eval_scorer, make_sandbox
+
+        code_config = config_lib.base_config().data.code
+        code_config.workers = _NUM_WORKERS.value or 0
+        try:
+            score_fn = eval_scorer(make_sandbox(code_config))
+        except ValueError as e:
+            cli.fail(f"--task=code --num_workers={_NUM_WORKERS.value}: {e}")
     datasets = {}
     for name, path in data_files.items():
         try:
@@ -165,14 +176,6 @@ def main(argv: Sequence[str]) -> None:
                                           instruction=_INSTRUCTION.value, task=_TASK.value)
         except (OSError, ValueError) as e:
             cli.fail(f"--data={name}={path}: {e}")
-    score_fn = None
-    if _TASK.value == "code":
-        from covjax import config as config_lib
-        from covjax.tasks.code import eval_scorer, make_sandbox
-
-        code_config = config_lib.base_config().data.code
-        code_config.workers = _NUM_WORKERS.value or 0
-        score_fn = eval_scorer(make_sandbox(code_config))
 
     model = from_pretrained(model_dir, compute_dtype=_COMPUTE_DTYPE.value)
     summary = evaluation.evaluate(

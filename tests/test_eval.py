@@ -246,6 +246,8 @@ BAD_FLAGS = [  # (flags, what the line names); {model}, {absent}, ... from the p
     ([*GOOD, "--top_p=1.5"], ["--top_p=1.5: must be in (0, 1]"]),
     ([*GOOD, "--timeout_s=0"], ["--timeout_s=0.0: must be a positive number"]),
     ([*GOOD, "--num_workers=0"], ["--num_workers=0: "]),
+    ([*GOOD, "--task=code", "--num_workers=100"],
+     ["--task=code --num_workers=100: config.data.code.workers must be in [1, 64]"]),
     ([*GOOD, "--compute_dtype=int8"], ["--compute_dtype=int8: ", "float32"]),
     ([*GOOD, "--schema=xml"], ["--schema=xml: ", "auto"]),
     ([*GOOD, "stray"], ["unexpected arguments ['stray']"]),
