@@ -221,7 +221,7 @@ def check_case(case: Case, *, run: bool = False) -> dict[str, float]:
             state, sharding.model_shardings(model, mesh), mesh
         )
         batch_sharding = train_step.batch_shardings(batch, mesh)
-        fn = train_step.compile_update(
+        fn = train_step.CompiledUpdate(
             graphdef=graphdef, rest=rest, tx=tx, schedule=schedule, cfg=cfg,
             state_sharding=state_sharding, batch_sharding=batch_sharding, mesh=mesh,
         )  # fmt: skip

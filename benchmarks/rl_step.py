@@ -12,8 +12,9 @@ pre-pass and the accumulated micro-batch update (covjax.train_step).
 
 Phases (each compiled first, then timed on a second call with other random inputs):
   rollout      Sampler.generate of all responses;             tokens/s = new tokens / s
-  old_logp     one no-grad forward over the whole batch;      tokens/s = all tokens / s
-  selection    per mini-batch: the no-grad forward of the pre-pass plus select_tokens, and
+  old_logp     no-grad forwards over the whole batch;          tokens/s = all tokens / s
+  selection    per mini-batch: the update's pre-pass (no-grad micro-batch forwards, as
+               CompiledUpdate plans them) plus select_tokens, and
                select_tokens alone (the issue's "selection" target: < 1% of the update)
   update       all mini-batch updates (pre-pass + micro-batch forward/backward + AdamW);
                tokens/s = all tokens / s
@@ -135,12 +136,11 @@ def main(argv=None) -> dict:
         all_tokens = int(host["attention_mask"].sum()) + num_rows  # + the last target
 
         b_sharding = train_step.batch_shardings(host, mesh)
-        lp_keys = ("input_ids", "positions", "attention_mask", "targets", "mask")
-        logprob_fn = train_step.compile_logprobs(
-            graphdef=graphdef, rest=rest, cfg=cfg, param_sharding=p_sharding,
-            batch_sharding={k: b_sharding[k] for k in lp_keys}, mesh=mesh,
+        logprob_fn = train_step.LogProbs(
+            graphdef=graphdef, rest=rest, cfg=cfg,
+            batch_sharding={k: b_sharding[k] for k in train_step.LOGPROB_KEYS}, mesh=mesh,
         )
-        lp_batch = {k: jax.device_put(host[k], b_sharding[k]) for k in lp_keys}
+        lp_batch = {k: jax.device_put(host[k], b_sharding[k]) for k in train_step.LOGPROB_KEYS}
         state = jax.device_put(state, s_sharding)
         timed(logprob_fn, state.params, lp_batch)  # compile
         (old_logp, _), results["old_logp_s"] = timed(logprob_fn, state.params, lp_batch)
@@ -150,12 +150,11 @@ def main(argv=None) -> dict:
                for s in range(0, num_rows, mini_rows)]
         mb_sharding = train_step.batch_shardings(mbs[0], mesh)
         mbs = [{k: jax.device_put(v, mb_sharding[k]) for k, v in mb.items()} for mb in mbs]
-        results.update(_selection_times(graphdef, rest, cfg, state.params, mbs[0]))
-
-        update_fn = train_step.compile_update(
+        update_fn = train_step.CompiledUpdate(
             graphdef=graphdef, rest=rest, tx=tx, schedule=schedule, cfg=cfg,
             state_sharding=s_sharding, batch_sharding=mb_sharding, mesh=mesh,
         )
+        results.update(_selection_times(update_fn, cfg, state.params, mbs[0]))
 
         def all_updates(state):  # the first mini-batch selects on old_logp, as the trainer
             metrics = []
@@ -183,26 +182,25 @@ def main(argv=None) -> dict:
     return results
 
 
-def _selection_times(graphdef, rest, cfg, params, mb) -> dict[str, float]:
-    """Seconds per mini-batch of the selection pre-pass (no-grad forward + select_tokens) and of
-    select_tokens alone."""
+def _selection_times(update_fn, cfg, params, mb) -> dict[str, float]:
+    """Seconds per mini-batch of the update's selection pre-pass (its no-grad micro-batch
+    forwards, as it plans them, + select_tokens) and of select_tokens alone."""
 
     @jax.jit
-    def prepass(params, mb, rng):
-        logp, _ = train_step.batched_logprobs(graphdef, params, rest, mb, cfg)
+    def select(logp, mb, rng):
         return losses.select_tokens(logp, mb["old_logp"], mb["advantages"], mb["mask"], cfg.loss,
                                     rng=rng)
 
-    @jax.jit
-    def select(mb, rng):
-        return losses.select_tokens(mb["old_logp"], mb["old_logp"], mb["advantages"],
-                                    mb["mask"], cfg.loss, rng=rng)
+    plan = update_fn.plan(np.asarray(mb["mask"]))
+
+    def prepass(params, mb, rng):
+        logp, _ = update_fn.logprobs.run(params, mb, plan)
+        return select(logp, mb, rng)
 
     key = jax.random.key(0)
     timed(prepass, params, mb, key)
-    timed(select, mb, key)
     _, prepass_s = timed(prepass, params, mb, key)
-    select_s = min(timed(select, mb, key)[1] for _ in range(5))
+    select_s = min(timed(select, mb["old_logp"], mb, key)[1] for _ in range(5))
     return {"prepass_s": prepass_s, "select_tokens_s": select_s}
 
 

@@ -299,11 +299,12 @@ def token_counts(args) -> dict:
         real = rows * (prompt - 1) + int(mask.sum())
         response = int(mask.sum())
         for name, group, granularity in (
-            ("old_logp", None, args.granularity),
+            ("old_logp", rows, args.granularity),
             ("update", mini, args.granularity),
-            ("padded", None, cap),
+            ("padded", rows, cap),
         ):
-            plan = plan_micro_batches(mask, micro, granularity, group_rows=group)
+            plan = [mb for start in range(0, rows, group)
+                    for mb in plan_micro_batches(mask[start:start + group], micro, granularity)]
             ratios.setdefault(name, []).append(computed_tokens(plan, prompt) / real)
             cols = sum(len(mb.rows) * mb.length for mb in plan)
             ratios.setdefault(name + "_response", []).append(cols / response)

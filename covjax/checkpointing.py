@@ -180,8 +180,10 @@ def _lock_holder(path: Path) -> dict[str, Any]:
 
 
 # Keys a resumed run may change: how the run is executed, not what it computes. Its parameters,
-# optimizer state and data position come from the checkpoint; the mesh, the micro-batch split and
-# the remat policy change the memory and the summation order, not the experiment.
+# optimizer state and data position come from the checkpoint; the mesh, the micro-batch split,
+# the length granularity, the remat policy, the rollout slot count and the sandbox's worker count
+# change the memory, speed and summation order, not the tokens sampled (log-probs may differ in
+# the last bit). Under loss.cov_scope="microbatch" the micro-batch size also changes the selection.
 RESUME_MAY_CHANGE = (
     "train.steps",
     "train.checkpoint_interval",
@@ -192,6 +194,8 @@ RESUME_MAY_CHANGE = (
     "train.micro_batch_size",
     "train.logprob_chunk_size",
     "train.length_granularity",
+    "rollout.slots_per_device",
+    "data.code.workers",
     "mesh.data",
     "mesh.fsdp",
     "mesh.tensor",

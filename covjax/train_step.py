@@ -1,6 +1,7 @@
 """The sharded update of one optimizer mini-batch.
 
     rows sorted by response length, cut into micro-batches, each computed to its longest row
+    (cov_scope="microbatch": consecutive rows, all R columns, selection per micro-batch)
     -> covariance + selection over the whole mini-batch (cov_scope="minibatch")
     -> micro-batch forward/backward with the selection as an input mask, gradients accumulated
     -> optax AdamW with global-norm clipping on fp32 master weights
@@ -146,32 +147,6 @@ def response_logprobs(
     )
 
 
-def _split_micro(x: jax.Array, num_micro: int) -> jax.Array:
-    """[B, ...] -> [num_micro, B / num_micro, ...], micro-batch j = rows j, j+M, j+2M, ...
-
-    Strided, not contiguous: each device's contiguous shard of rows then holds a slice of every
-    micro-batch, so a micro-batch is spread over all devices like the mini-batch.
-    """
-    return jnp.swapaxes(x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]), 0, 1)
-
-
-def _merge_micro(x: jax.Array) -> jax.Array:
-    """Inverse of `_split_micro`."""
-    return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-
-
-def batched_logprobs(
-    graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: Batch, cfg: StepConfig
-) -> tuple[jax.Array, jax.Array]:
-    """No-gradient (logp, entropy) [B, R] of a whole batch, one micro-batch at a time."""
-    num_micro = batch["targets"].shape[0] // cfg.micro_batch_size
-    micro = jax.tree.map(lambda x: _split_micro(x, num_micro), batch)
-    logp, entropy = jax.lax.map(
-        lambda b: response_logprobs(graphdef, params, rest, b, cfg), micro
-    )
-    return jax.lax.stop_gradient((_merge_micro(logp), _merge_micro(entropy)))
-
-
 # ---------------------------------------------------------------------------------------------
 # Micro-batches computed to their longest response
 # ---------------------------------------------------------------------------------------------
@@ -193,29 +168,30 @@ def response_lengths(mask: np.ndarray) -> np.ndarray:
 
 
 def plan_micro_batches(
-    mask: np.ndarray, micro_batch_size: int, granularity: int, group_rows: int | None = None
+    mask: np.ndarray, micro_batch_size: int, granularity: int, *, by_length: bool = True
 ) -> list[MicroBatch]:
-    """Micro-batches of `micro_batch_size` rows of similar response length.
+    """Micro-batches of `micro_batch_size` rows.
 
-    Within each group of `group_rows` consecutive rows (None: all rows) the rows are sorted by
-    response length and cut into micro-batches; each is computed only to its longest response,
-    rounded up to a multiple of `granularity` (so at most ceil(R / granularity) shapes compile).
-    Columns past a row's response are padding the loss masks, and causal attention keeps them
-    out of every earlier position, so dropping them changes no real token's log-prob.
+    by_length: the rows sorted by response length and cut into micro-batches, each computed only
+    to its longest response rounded up to a multiple of `granularity` (so at most
+    ceil(R / granularity) shapes compile). Columns past a row's response are padding the loss
+    masks, and causal attention keeps them out of every earlier position, so dropping them
+    changes no real token's log-prob. Otherwise: consecutive rows in order, each micro-batch
+    computed to all R columns (the reference's micro-batches, for a per-micro-batch selection).
     """
     num_rows, width = mask.shape
-    group_rows = num_rows if group_rows is None else group_rows
-    if num_rows % group_rows or group_rows % micro_batch_size:
-        raise ValueError(f"{num_rows} rows in groups of {group_rows}: micro_batch_size="
-                         f"{micro_batch_size} does not divide them")
+    if num_rows % micro_batch_size:
+        raise ValueError(f"{num_rows} rows: micro_batch_size={micro_batch_size} does not divide "
+                         "them")
+    if not by_length:
+        return [MicroBatch(rows=np.arange(start, start + micro_batch_size, dtype=np.int32),
+                           length=width) for start in range(0, num_rows, micro_batch_size)]
     lengths = response_lengths(mask)
     plan = []
-    for start in range(0, num_rows, group_rows):
-        order = start + np.argsort(lengths[start:start + group_rows], kind="stable")
-        for rows in np.split(order, group_rows // micro_batch_size):
-            longest = max(int(lengths[rows].max()), 1)
-            length = min(-(-longest // granularity) * granularity, width)
-            plan.append(MicroBatch(rows=rows.astype(np.int32), length=length))
+    for rows in np.split(np.argsort(lengths, kind="stable"), num_rows // micro_batch_size):
+        longest = max(int(lengths[rows].max()), 1)
+        length = min(-(-longest // granularity) * granularity, width)
+        plan.append(MicroBatch(rows=rows.astype(np.int32), length=length))
     return plan
 
 
@@ -248,10 +224,13 @@ def micro_logprobs_into(
     cfg: StepConfig,
 ) -> tuple[jax.Array, jax.Array]:
     """`out` = (logp, entropy) [B, R] with the no-gradient values of micro-batch `rows` written
-    into its first `length` columns (the other entries are left as they are)."""
-    values = response_logprobs(graphdef, params, rest, gather_micro(batch, rows, length), cfg)
+    into its first `length` columns, 0 past each row's response (the other entries are left as
+    they are)."""
+    micro = gather_micro(batch, rows, length)
+    values = response_logprobs(graphdef, params, rest, micro, cfg)
     return tuple(
-        o.at[rows, :length].set(jax.lax.stop_gradient(v)) for o, v in zip(out, values, strict=True)
+        o.at[rows, :length].set(jnp.where(micro["mask"], jax.lax.stop_gradient(v), 0.0))
+        for o, v in zip(out, values, strict=True)
     )
 
 
@@ -352,21 +331,6 @@ def select_given_logp(
     )
 
 
-def select_minibatch(
-    params: nnx.State,
-    batch: Batch,
-    rng: jax.Array,
-    *,
-    graphdef: nnx.GraphDef,
-    rest: nnx.State,
-    cfg: StepConfig,
-) -> tuple[jax.Array, jax.Array]:
-    """The selection pre-pass in one program, every row computed to R columns: the policy's
-    log-probs [B, R] and the selected tokens [B, R] (the reference the update's is tested on)."""
-    logp, _ = batched_logprobs(graphdef, params, rest, batch, cfg)
-    return logp, select_given_logp(logp, batch, rng, cfg)
-
-
 def update_rngs(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(selection key, loss key) of `update`'s key."""
     return tuple(jax.random.split(rng))
@@ -442,14 +406,17 @@ def batch_shardings(batch: Batch, mesh: Mesh) -> dict[str, NamedSharding]:
 
 
 class CompiledUpdate:
-    """`update`: one optimizer step on one mini-batch, as programs compiled per micro-batch
-    length (the state argument is donated).
+    """`CompiledUpdate(...)(state, batch, rng)`: one optimizer step on one mini-batch with
+    explicit shardings, as programs compiled per micro-batch length (the state is donated).
 
-    The selection pre-pass (cov_scope="minibatch") computes the policy's log-probs of the whole
-    mini-batch, micro-batch by micro-batch, then selects over all of it; with
-    `logp_is_old=True` (the step's first mini-batch: the parameters that computed old_logp) it
-    selects on old_logp instead of a second forward. The micro-batches' gradients are summed,
-    then clipped AdamW applies them. `forwards` counts the micro-batch forward passes run.
+    Micro-batches as `plan` cuts them: rows sorted by response length, or, when the selection is
+    per micro-batch (cov_scope="microbatch"), consecutive rows computed to all R columns, so
+    that the selection is the reference's whatever length_granularity is. The selection pre-pass
+    (cov_scope="minibatch") computes the policy's log-probs of the whole mini-batch, micro-batch
+    by micro-batch, then selects over all of it; with `logp_is_old=True` (the step's first
+    mini-batch: the parameters that computed old_logp) it selects on old_logp instead of a
+    second forward. The micro-batches' gradients are summed, then clipped AdamW applies them.
+    `forwards` counts the micro-batch forward passes run.
     """
 
     def __init__(self, *, graphdef, rest, tx, schedule, cfg, state_sharding, batch_sharding, mesh):
@@ -466,8 +433,7 @@ class CompiledUpdate:
             functools.partial(micro_grads_into, **model), static_argnames=("length",),
             donate_argnums=(1,), out_shardings=(state_sharding.params, replicated),
         )
-        self.logprobs = LogProbs(param_sharding=state_sharding.params,
-                                  batch_sharding=batch_sharding, mesh=mesh, **model)
+        self.logprobs = LogProbs(batch_sharding=batch_sharding, mesh=mesh, **model)
         self._select = jax.jit(functools.partial(select_given_logp, cfg=cfg), out_shardings=rows)
         self._apply = jax.jit(
             functools.partial(apply_gradients, tx=tx, schedule=schedule),
@@ -477,7 +443,9 @@ class CompiledUpdate:
 
     def plan(self, mask: np.ndarray) -> list[MicroBatch]:
         """The micro-batches of a mini-batch with this response `mask` [B, R]."""
-        return plan_micro_batches(mask, self.cfg.micro_batch_size, self.cfg.length_granularity)
+        per_micro = self.cfg.loss.selects and self.cfg.cov_scope == "microbatch"
+        return plan_micro_batches(mask, self.cfg.micro_batch_size, self.cfg.length_granularity,
+                                  by_length=not per_micro)
 
     def lower_micro_batch(self, state: TrainState, batch: Batch) -> jax.stages.Lowered:
         """The gradient program of one micro-batch computed to all R columns, lowered for
@@ -517,13 +485,15 @@ class CompiledUpdate:
         return self._apply(state, acc, batch, logp, selected)
 
 
-class LogProbs:
-    """No-gradient (logp, entropy) [B, R] of a batch (input_ids, positions, attention_mask,
-    targets and the response mask), micro-batch by micro-batch, each computed to its longest
-    response; entries past a row's response are 0."""
+LOGPROB_KEYS = ("input_ids", "positions", "attention_mask", "targets", "mask")
 
-    def __init__(self, *, graphdef, rest, cfg, param_sharding, batch_sharding, mesh):
-        del param_sharding  # the parameters arrive placed
+
+class LogProbs:
+    """`LogProbs(...)(params, batch)`: no-gradient (logp, entropy) [B, R] of a batch (its
+    LOGPROB_KEYS arrays), sharded like it, micro-batch by micro-batch, each computed to its
+    longest response; entries past a row's response are 0."""
+
+    def __init__(self, *, graphdef, rest, cfg, batch_sharding, mesh):
         self.cfg, self.batch_sharding = cfg, batch_sharding
         self._rows = sharding.data_sharding(mesh, 2)
         self._into = jax.jit(
@@ -548,32 +518,3 @@ class LogProbs:
         batch = {k: jax.device_put(v, self.batch_sharding[k]) for k, v in batch.items()}
         return self.run(params, batch, plan)
 
-
-def compile_update(
-    *,
-    graphdef: nnx.GraphDef,
-    rest: nnx.State,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    cfg: StepConfig,
-    state_sharding: TrainState,
-    batch_sharding: dict[str, NamedSharding],
-    mesh: Mesh,
-) -> CompiledUpdate:
-    """`update(state, batch, rng)` with explicit shardings; the state argument is donated."""
-    return CompiledUpdate(graphdef=graphdef, rest=rest, tx=tx, schedule=schedule, cfg=cfg,
-                          state_sharding=state_sharding, batch_sharding=batch_sharding, mesh=mesh)
-
-
-def compile_logprobs(
-    *,
-    graphdef: nnx.GraphDef,
-    rest: nnx.State,
-    cfg: StepConfig,
-    param_sharding: nnx.State,
-    batch_sharding: dict[str, NamedSharding],
-    mesh: Mesh,
-) -> LogProbs:
-    """`LogProbs(params, batch)`: (logp, entropy) [B, R], sharded like the batch."""
-    return LogProbs(graphdef=graphdef, rest=rest, cfg=cfg, param_sharding=param_sharding,
-                    batch_sharding=batch_sharding, mesh=mesh)

@@ -2,14 +2,15 @@
 
     evaluate? (task.evaluate)
     -> rollouts (covjax.rollouts: sample, score, dynamic-sampling refill, advantages, batch)
-    -> learn (old log-probs, then covjax.train_step.update per mini-batch)
+    -> learn (old log-probs, then covjax.train_step.CompiledUpdate per mini-batch)
     -> write (covjax.metrics: metrics.jsonl + TensorBoard)
     -> checkpoint (covjax.checkpointing, every N steps and on SIGTERM/SIGINT)
 
 Everything a step needs is derived from (seed, step) and the data position, which are
 checkpointed with the parameters and the optimizer state, so a resumed run repeats exactly what
-an uninterrupted one would have done (bit for bit on the same mesh, micro-batch size and remat
-policy, which checkpointing.check_resume lets a resumed run change).
+an uninterrupted one would have done (bit for bit on the same mesh, micro-batch size, length
+granularity, remat policy and rollout slot count, which checkpointing.check_resume lets a resumed
+run change).
 Metric "step" is the 0-based index of the RL step; checkpoints are numbered by completed steps.
 
 Several processes (jax.distributed, one mesh over all their devices) run this same loop: every
@@ -198,7 +199,8 @@ def _prompt_buckets(max_prompt_length: int) -> tuple[int, ...]:
 @dataclasses.dataclass
 class Learner:
     """What the update needs besides the train state: the model's static parts, the optimizer,
-    the frozen reference policy (KL loss only) and the compiled programs, one per batch shape."""
+    the frozen reference policy (KL loss only) and the compiled programs, one set per batch
+    shape (each compiles a program per micro-batch length)."""
 
     graphdef: Any
     rest: Any
@@ -206,7 +208,6 @@ class Learner:
     schedule: Any
     cfg: train_step.StepConfig
     mesh: Any
-    param_sharding: Any
     state_sharding: Any
     mini_rows: int
     ref_params: Any = None
@@ -220,17 +221,16 @@ class Learner:
             mb = {k: v[: self.mini_rows] for k, v in batch.items()}
             for name in ("old_logp", "ref_logp") if self.ref_params is not None else ("old_logp",):
                 mb[name] = mb["advantages"]  # [B, R] float32 like the advantages
-            lp_keys = ("input_ids", "positions", "attention_mask", "targets", "mask")
             self.compiled[key] = (
-                train_step.compile_update(
+                train_step.CompiledUpdate(
                     graphdef=self.graphdef, rest=self.rest, tx=self.tx, schedule=self.schedule,
                     cfg=self.cfg, state_sharding=self.state_sharding,
                     batch_sharding=train_step.batch_shardings(mb, self.mesh), mesh=self.mesh,
                 ),
-                train_step.compile_logprobs(
+                train_step.LogProbs(
                     graphdef=self.graphdef, rest=self.rest, cfg=self.cfg,
-                    param_sharding=self.param_sharding,
-                    batch_sharding={k: b_sharding[k] for k in lp_keys}, mesh=self.mesh,
+                    batch_sharding={k: b_sharding[k] for k in train_step.LOGPROB_KEYS},
+                    mesh=self.mesh,
                 ),
                 b_sharding,
             )
@@ -249,8 +249,7 @@ def _make_learner(config, mesh, model) -> tuple[Learner, train_step.TrainState]:
     state_sharding = train_step.state_shardings(state, param_sharding, mesh)
     learner = Learner(
         graphdef=graphdef, rest=rest, tx=tx, schedule=schedule,
-        cfg=train_step.StepConfig.from_config(config), mesh=mesh, param_sharding=param_sharding,
-        state_sharding=state_sharding,
+        cfg=train_step.StepConfig.from_config(config), mesh=mesh, state_sharding=state_sharding,
         mini_rows=config.train.mini_batch_prompts * config.rollout.n,
         # the policy at the start of RL, kept frozen
         ref_params=jax.tree.map(jnp.copy, params) if config.loss.kl_coef > 0 else None,
@@ -469,8 +468,7 @@ def _learn(step: int, step_rng: jax.Array, data: StepData, state: train_step.Tra
     host = train_step.make_batch(data.arrays, data.prompt_length, data.advantages)
     update_fn, logprob_fn, b_sharding = learner.programs(host)
     batch = {k: multihost.global_array(v, b_sharding[k]) for k, v in host.items()}
-    lp_keys = ("input_ids", "positions", "attention_mask", "targets", "mask")
-    lp_batch = {k: batch[k] for k in lp_keys}
+    lp_batch = {k: batch[k] for k in train_step.LOGPROB_KEYS}
     old_logp, entropy = logprob_fn(state.params, lp_batch)
     host["old_logp"] = old_logp_np = multihost.host_gather(old_logp)
     if learner.ref_params is not None:

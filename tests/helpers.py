@@ -144,3 +144,13 @@ def ragged_update_batch(model, *, rows: int, prompt_len: int, response_len: int,
         "advantages": np.where(mask, adv[:, None], 0.0).astype(np.float32),
         "old_logp": (logp + rng.normal(0, 0.3, logp.shape)).astype(np.float32),
     }
+
+
+def minibatch_selection(params, batch, rng, *, graphdef, rest, cfg):
+    """The reference selection pre-pass in one program, every row computed to all R columns
+    (covjax.train_step.response_logprobs, no micro-batches): the policy's log-probs [B, R] and
+    the tokens select_tokens chooses over the whole mini-batch [B, R]."""
+    from covjax import train_step
+
+    logp, _ = train_step.response_logprobs(graphdef, params, rest, batch, cfg)
+    return logp, train_step.select_given_logp(logp, batch, rng, cfg)

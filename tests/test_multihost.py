@@ -30,7 +30,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import ragged_update_batch, recipes
+from helpers import minibatch_selection, ragged_update_batch, recipes
 from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.numpy import load_file
 
@@ -102,12 +102,12 @@ def _one_step(model, batch, method: str, shape: tuple[int, int, int]):
         batch_sharding = train_step.batch_shardings(batch, mesh)
         rows = sharding.data_sharding(mesh, 2)
         select = jax.jit(
-            functools.partial(train_step.select_minibatch, graphdef=graphdef, rest=rest, cfg=cfg),
+            functools.partial(minibatch_selection, graphdef=graphdef, rest=rest, cfg=cfg),
             in_shardings=(param_sharding, batch_sharding, NamedSharding(mesh, PartitionSpec())),
             out_shardings=(rows, rows),
         )
         logp, selected = select(state.params, batch, train_step.update_rngs(rng)[0])
-        update = train_step.compile_update(
+        update = train_step.CompiledUpdate(
             graphdef=graphdef, rest=rest, tx=tx, schedule=schedule, cfg=cfg,
             state_sharding=state_sharding, batch_sharding=batch_sharding, mesh=mesh,
         )

@@ -68,17 +68,34 @@ def test_minibatch_selection_is_independent_of_micro_batching(model, batch):
 
 
 def test_microbatch_scope_selects_per_micro_batch(model, batch):
-    """The reference behaviour: the count floor(r * N) is taken per micro-batch of 2 rows (rows
-    of similar length: lengths 1 2 | 3 4 | 5 5 | 5 5)."""
+    """The reference behaviour: KL-Cov's covariance, count floor(r * N) and top-k taken per
+    micro-batch of 2 consecutive rows (lengths 5 5 | 4 3 | 5 2 | 5 1, not regrouped by length,
+    whatever length_granularity), against the per-chunk NumPy selection's gradients."""
     cfg = dataclasses.replace(KL_COV, cov_scope="microbatch", micro_batch_size=2)
-    _, metrics = _our_gradients(model, batch, cfg)
-    counts = [max(int(0.2 * n), 1) for n in (1 + 2, 3 + 4, 5 + 5, 5 + 5)]
-    assert metrics["num_selected"] == sum(counts)
+    ours, metrics = _our_gradients(model, batch, cfg)
+    counts = [max(int(0.2 * n), 1) for n in (5 + 5, 4 + 3, 5 + 2, 5 + 1)]
+    assert metrics["num_selected"] == sum(counts) == 5
+    ref = _reference_gradients(model, batch, method="kl_cov", chunk_rows=2)
+    for g, ref_g in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+        g, ref_g = np.asarray(g), np.asarray(ref_g)
+        np.testing.assert_allclose(g, ref_g, rtol=0, atol=1e-4 * np.abs(ref_g).max())
 
 
-def _reference_gradients(model, batch, *, method):
+def _kl_cov_selection(lp, a, mask):
+    """KL-Cov's tokens (ALGORITHMS.md 2): the floor(0.2 * N) largest Eq. 10 covariances, ties to
+    the lower row-major position."""
+    cov = (lp - lp[mask].mean()) * (a - a[mask].mean())
+    k = max(int(0.2 * mask.sum()), 1)
+    flat = np.where(mask, cov, -np.inf).reshape(-1)
+    selected = np.zeros(flat.shape, bool)
+    selected[np.argsort(-flat, kind="stable")[:k]] = True
+    return selected.reshape(mask.shape)
+
+
+def _reference_gradients(model, batch, *, method, chunk_rows=B):
     """Independent gradients: full logits from model(...), the loss of ALGORITHMS.md 3 written
-    out here (token-mean), jax.grad."""
+    out here (token-mean), jax.grad; KL-Cov selects within each chunk of `chunk_rows`
+    consecutive rows."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     mask = batch["mask"]
     num_tokens = mask.sum()
@@ -90,12 +107,11 @@ def _reference_gradients(model, batch, *, method):
             np.asarray(jax.nn.log_softmax(logits, -1)), batch["targets"][..., None], -1
         )[..., 0]
         a = batch["advantages"]
-        cov = (lp - lp[mask].mean()) * (a - a[mask].mean())
-        k = max(int(0.2 * num_tokens), 1)
-        flat = np.where(mask, cov, -np.inf).reshape(-1)
-        selected = np.zeros(flat.shape, bool)
-        selected[np.argsort(-flat, kind="stable")[:k]] = True
-        selected = selected.reshape(mask.shape)
+        selected = np.concatenate([
+            _kl_cov_selection(lp[s : s + chunk_rows], a[s : s + chunk_rows],
+                              mask[s : s + chunk_rows])
+            for s in range(0, B, chunk_rows)
+        ])
 
     def loss_fn(p):
         logits = nnx.merge(graphdef, p, rest)(jnp.asarray(batch["input_ids"]))[:, P - 1 :]
@@ -132,7 +148,7 @@ def _compiled_update(model, batch, cfg, mesh_shape=(1, 1, 1)):
     )
     key = (cfg, mesh_shape)
     if key not in _UPDATES:
-        _UPDATES[key] = train_step.compile_update(
+        _UPDATES[key] = train_step.CompiledUpdate(
             graphdef=graphdef, rest=rest, tx=KEEP, schedule=optax.constant_schedule(0.0), cfg=cfg,
             state_sharding=state_sharding,
             batch_sharding=train_step.batch_shardings(batch, mesh), mesh=mesh,
@@ -189,7 +205,11 @@ def test_first_mini_batch_selects_on_old_logp_without_a_forward(model, batch):
     cfg = dataclasses.replace(CLIP_COV, micro_batch_size=B // 4)
     fn, mesh, state = _compiled_update(model, batch, cfg)
     with jax.set_mesh(mesh):
-        old_logp, _ = fn.logprobs(state.params, batch)
+        old_logp, entropy = fn.logprobs(state.params, batch)
+    # rows of lengths 1 and 3 computed to 3 columns: their padding columns hold 0, not a log-prob
+    assert np.all(np.asarray(old_logp)[~batch["mask"]] == 0)
+    assert np.all(np.asarray(entropy)[~batch["mask"]] == 0)
+    assert np.all(np.asarray(entropy)[batch["mask"]] > 0)
     on_policy = {**batch, "old_logp": np.asarray(old_logp)}
     forwards, results = [], []
     for logp_is_old in (False, True):
@@ -205,12 +225,16 @@ def test_first_mini_batch_selects_on_old_logp_without_a_forward(model, batch):
 
 
 def test_plan_sorts_rows_and_bounds_lengths():
-    """Rows sorted by response length within each group; lengths rounded up, capped at R."""
+    """Rows sorted by response length; lengths rounded up, capped at R. Not by length: the
+    consecutive rows at all R columns."""
     mask = np.arange(10)[None, :] < np.array([[7], [0], [10], [2], [9], [1], [3], [4]])
-    plan = train_step.plan_micro_batches(mask, 2, 4, group_rows=4)
-    assert [mb.rows.tolist() for mb in plan] == [[1, 3], [0, 2], [5, 6], [7, 4]]
-    assert [mb.length for mb in plan] == [4, 10, 4, 10]
-    assert train_step.computed_tokens(plan, prompt_columns=3) == 2 * (6 + 12 + 6 + 12)
+    plan = train_step.plan_micro_batches(mask, 2, 4)
+    assert [mb.rows.tolist() for mb in plan] == [[1, 5], [3, 6], [7, 0], [4, 2]]
+    assert [mb.length for mb in plan] == [4, 4, 8, 10]
+    assert train_step.computed_tokens(plan, prompt_columns=3) == 2 * (6 + 6 + 10 + 12)
+    plan = train_step.plan_micro_batches(mask, 2, 4, by_length=False)
+    assert [mb.rows.tolist() for mb in plan] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert [mb.length for mb in plan] == [10] * 4
 
 
 def test_step_config_from_config_and_bad_micro_batch():
