@@ -113,12 +113,14 @@ def check_mesh(c: ModelConfig, mesh: MeshShape) -> None:
 
 
 def layer_param_counts(c: ModelConfig) -> ParamCounts:
-    """One decoder layer: q, k, v, o projections, SwiGLU MLP, two RMSNorms."""
+    """One decoder layer: q, k, v, o projections, SwiGLU MLP, two RMSNorms (four with Qwen3's
+    per-head q/k norms, replicated like the others)."""
     d, dh, hq, hkv = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
     attention = d * dh * (2 * hq + 2 * hkv)
     mlp = 3 * d * c.intermediate_size
     biases = (hq + 2 * hkv) * dh if c.attention_bias else 0
-    norms = 2 * d + (d if c.attention_out_bias else 0)  # the o bias is replicated like a norm
+    # the o bias is replicated like a norm
+    norms = 2 * d + (d if c.attention_out_bias else 0) + (2 * dh if c.qk_norm else 0)
     return ParamCounts(matrices=attention + mlp, biases=biases, norms=norms)
 
 

@@ -23,6 +23,7 @@ TINY_SHAPE = dict(
 )
 HF_CLASSES = {  # family -> (transformers config class, causal-LM class)
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
 }

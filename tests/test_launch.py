@@ -343,16 +343,26 @@ TOY = memory.ModelConfig(
 )  # fmt: skip
 
 
+QWEN3_8B = memory.ModelConfig(  # Qwen/Qwen3-8B's config.json
+    architecture="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+    num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+    qk_norm=True, rope_theta=1e6,
+)  # fmt: skip
+
+
 def test_param_counts_match_published_qwen_sizes_and_the_model():
     # Hugging Face's counts of Qwen/Qwen2.5-7B and Qwen/Qwen2.5-32B (safetensors metadata).
     assert memory.param_counts(memory.QWEN2_5_7B).total == 7_615_616_512
     assert memory.param_counts(memory.QWEN2_5_32B).total == 32_763_876_352
+    # Qwen3-8B's model card: 8.2B parameters, 6.95B of them outside the two embedding tables
+    qwen3 = memory.param_counts(QWEN3_8B).total
+    embeddings = 2 * QWEN3_8B.vocab_size * QWEN3_8B.hidden_size
+    assert (round(qwen3 / 1e9, 1), round((qwen3 - embeddings) / 1e9, 2)) == (8.2, 6.95)
     from flax import nnx
 
     from covjax.model import Transformer
 
-    for tied in (False, True):
-        config = TOY.replace(tie_word_embeddings=tied)
+    for config in (TOY, TOY.replace(tie_word_embeddings=True), QWEN3_8B):
         model = nnx.eval_shape(lambda config=config: Transformer(config, rngs=nnx.Rngs(0)))
         params = nnx.state(model, nnx.Param)
         sizes = [np.size(x) for x in __import__("jax").tree.leaves(params)]

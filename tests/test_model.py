@@ -69,6 +69,16 @@ FAMILIES = {
         "mistral",
         dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None),
     ),
+    # Qwen3's head_dim is its own, not hidden_size / heads = 16
+    "qwen3_tied": (
+        "qwen3",
+        dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
+    ),
+    "qwen3_untied": (
+        "qwen3",
+        dict(num_attention_heads=4, num_key_value_heads=1, head_dim=24, rope_theta=1e6,
+             attention_bias=True, tie_word_embeddings=False),  # the bias comes before the norm
+    ),
 }
 
 
@@ -181,7 +191,7 @@ def test_tokenizer_is_saved_and_loaded(hf_dirs, tmp_path):
     )
 
 
-@pytest.mark.parametrize("name", ["qwen2_untied", "llama3_gqa4"])
+@pytest.mark.parametrize("name", ["qwen2_untied", "llama3_gqa4", "qwen3_tied", "qwen3_untied"])
 def test_save_pretrained_round_trip(hf_dirs, name, tmp_path):
     model = from_pretrained(hf_dirs[name])
     save_pretrained(model, tmp_path)
@@ -233,6 +243,24 @@ def test_sliding_windows_follow_transformers_defaults():
     assert ModelConfig.from_hf_config(sliding.to_hf_config()) == sliding
     assert transformers.Qwen2Config(**sliding.to_hf_config()).layer_types == [
         "sliding_attention", "sliding_attention"]
+
+
+def test_qwen3_config_follows_transformers(hf_dirs):
+    saved = json.loads(open(os.path.join(hf_dirs["qwen3_untied"], "config.json")).read())
+    config = ModelConfig.from_hf_config(saved)
+    assert (config.architecture, config.qk_norm, config.head_dim, config.rope_theta) == (
+        "qwen3", True, 24, 1e6)
+    assert config.attention_bias and config.attention_out_bias  # Qwen3's one flag for q/k/v/o
+    assert ModelConfig.from_hf_config(config.to_hf_config()) == config
+    hf = transformers.Qwen3Config(**config.to_hf_config())
+    assert (hf.head_dim, hf.attention_bias, hf.layer_types) == (24, True, ["full_attention"] * 2)
+    no_head_dim = {k: v for k, v in saved.items() if k != "head_dim"}
+    assert ModelConfig.from_hf_config(no_head_dim).head_dim == transformers.Qwen3Config().head_dim
+    with pytest.raises(ValueError, match="a qwen3 config must have qk_norm=True"):
+        config.replace(qk_norm=False)
+    with pytest.raises(ValueError, match="a llama config must have qk_norm=False"):
+        ModelConfig(architecture="llama", num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, qk_norm=True, **SMALL)
 
 
 def test_sharded_checkpoint_with_index(hf_dirs, tmp_path):
@@ -401,13 +429,16 @@ def test_hidden_states_times_unembed_is_logits(hf_dirs):
 
 
 @pytest.mark.parametrize(
-    "shape", [dict(fsdp=8), dict(fsdp=4, tensor=2)], ids=["fsdp8", "fsdp4_tp2"]
+    "name, shape",
+    [("llama3_gqa4", dict(fsdp=8)), ("llama3_gqa4", dict(fsdp=4, tensor=2)),
+     ("qwen3_tied", dict(fsdp=4, tensor=2))],
+    ids=["llama3_fsdp8", "llama3_fsdp4_tp2", "qwen3_fsdp4_tp2"],
 )
-def test_sharded_forward_matches_unsharded(hf_dirs, shape):
+def test_sharded_forward_matches_transformers(hf_dirs, name, shape):
     ids, mask, positions = _batch(seed=9, batch=8)
-    ref = _covjax_logits(from_pretrained(hf_dirs["llama3_gqa4"]), ids, mask, positions)
+    ref = _torch_logits(hf_dirs[name], ids, mask, positions)
     mesh = make_mesh(**shape)
-    model = from_pretrained(hf_dirs["llama3_gqa4"], mesh=mesh)
+    model = from_pretrained(hf_dirs[name], mesh=mesh)
     assert len(model.layers.q_proj[...].sharding.device_set) == 8
     forward = nnx.jit(lambda m, i, p, a: m(i, p, attention_mask=a))
     batch = [jax.device_put(jnp.asarray(x), data_sharding(mesh)) for x in (ids, positions, mask)]
@@ -471,7 +502,7 @@ def test_bad_inputs_are_named(hf_dirs, tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         from_pretrained(folder("no_weights", config, tensors=False))
     bad_arch = dict(config, architectures=["GPT2LMHeadModel"])
-    with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM.*MistralForCausalLM"):
+    with pytest.raises(ValueError, match="GPT2.*LlamaForCausalLM.*MistralForCausalLM.*Qwen3For"):
         from_pretrained(folder("bad_arch", bad_arch))
     with pytest.raises(ValueError, match="model.embed_tokens.weight.*shape"):
         from_pretrained(folder("bad_vocab", dict(config, vocab_size=VOCAB + 1)))

@@ -1,8 +1,9 @@
 """Tests of covjax.sampler against independent references.
 
-References: transformers' PyTorch models and their greedy `generate` (tiny random Qwen2, Llama and
-Mistral models saved offline to tmp_path), closed-form softmax / top-k / top-p distributions in
-NumPy float64 (chi-square goodness of fit, scipy), and the training forward of covjax.model.
+References: transformers' PyTorch models and their greedy `generate` (tiny random Qwen2, Qwen3,
+Llama and Mistral models saved offline to tmp_path), closed-form softmax / top-k / top-p
+distributions in NumPy float64 (chi-square goodness of fit, scipy), and the training forward of
+covjax.model.
 """
 
 import dataclasses
@@ -44,6 +45,7 @@ FAMILIES = {  # family -> extra config
     "qwen2": dict(tie_word_embeddings=True),
     "llama": dict(rope_theta=500000.0),
     "mistral": dict(sliding_window=None),
+    "qwen3": dict(head_dim=32, rope_theta=1e6),  # per-head q/k norms; head_dim != 64 / 4
 }
 
 
@@ -57,7 +59,7 @@ def hf_models(tmp_path_factory):
     """family -> (saved folder, torch model) for tiny random models of each family."""
     out = {}
     for i, (family, extra) in enumerate(FAMILIES.items()):
-        model = tiny_hf_model(family, seed=i, **TINY, **extra)
+        model = tiny_hf_model(family, seed=i, **{**TINY, **extra})
         path = tmp_path_factory.mktemp(family)
         model.save_pretrained(path)
         out[family] = (path, model)

@@ -1,4 +1,4 @@
-"""Flax decoder LM (Qwen2/Qwen2.5, Llama 3.x, Mistral), its config, and Hugging Face I/O."""
+"""Flax decoder LM (Qwen2/Qwen2.5, Qwen3, Llama 3.x, Mistral), its config, and Hugging Face I/O."""
 
 from covjax.model.config import HF_ARCHITECTURES, ModelConfig
 from covjax.model.hf import (

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 # Hugging Face class name -> our architecture name. DeepSeek-Math-7B is a LlamaForCausalLM.
 HF_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
 }
@@ -35,7 +36,7 @@ def _valid_id(value: Any) -> int | None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a decoder-only LM (Qwen2/Qwen2.5, Llama 3.x, Mistral).
+    """Shape and numerics of a decoder-only LM (Qwen2/Qwen2.5, Qwen3, Llama 3.x, Mistral).
 
     `param_dtype` is the storage dtype of the weights (float32 = the learner's master weights);
     `compute_dtype` is the dtype of the matmuls (bfloat16 on accelerators). Norms, softmax and
@@ -45,8 +46,10 @@ class ModelConfig:
     recompute the MLP's) or "save_attention" (keep only the attention outputs).
     `scan_layers` stacks the blocks and runs them with `lax.scan`, so compile time is flat in
     depth. `sliding_window` (Mistral) is accepted only where it cannot change the result: a
-    forward over more keys than the window raises. `bos_token_id`, `eos_token_id` (one id or a
-    tuple) and `pad_token_id` are carried from config.json to the config.json written back.
+    forward over more keys than the window raises. `qk_norm` (Qwen3, and only Qwen3) applies an
+    RMSNorm over head_dim to every query and key head before RoPE. `bos_token_id`,
+    `eos_token_id` (one id or a tuple) and `pad_token_id` are carried from config.json to the
+    config.json written back.
     """
 
     architecture: str
@@ -68,6 +71,7 @@ class ModelConfig:
     remat: str = "none"
     scan_layers: bool = True
     attention_out_bias: bool = False
+    qk_norm: bool = False
     sliding_window: int | None = None
     attention_impl: str = "auto"
     bos_token_id: int | None = None
@@ -142,6 +146,11 @@ class ModelConfig:
             )
         if self.architecture != "qwen2" and self.attention_bias != self.attention_out_bias:
             raise ValueError(f"{self.architecture} has one attention_bias flag for q/k/v/o")
+        if self.qk_norm != (self.architecture == "qwen3"):
+            raise ValueError(
+                f"a {self.architecture} config must have qk_norm={not self.qk_norm}: the q/k "
+                "norms are Qwen3's alone"
+            )
 
     def __hash__(self) -> int:
         # rope_scaling is a dict; hash its items so configs can be static jit/nnx metadata.
@@ -206,15 +215,19 @@ class ModelConfig:
         heads = hf["num_attention_heads"]
         if architecture == "qwen2":
             attention_bias, out_bias = True, False
-            # transformers' Qwen2 slides only layers >= max_window_layers (default 28)
+        else:
+            attention_bias = bool(hf.get("attention_bias", False))
+            out_bias = attention_bias
+        if architecture in ("qwen2", "qwen3"):
+            # transformers' Qwen2/Qwen3 slide only layers >= max_window_layers (default 28)
             sliding = hf.get("use_sliding_window", False) and hf.get(
                 "max_window_layers", 28) < hf["num_hidden_layers"]
             window = hf.get("sliding_window") if sliding else None
         else:
-            attention_bias = bool(hf.get("attention_bias", False))
-            out_bias = attention_bias
             # MistralConfig's default window is 4096 when config.json does not name one
             window = hf.get("sliding_window", 4096) if architecture == "mistral" else None
+        # Qwen3Config's head_dim defaults to 128, the others' to hidden_size / heads
+        default_head_dim = 128 if architecture == "qwen3" else hf["hidden_size"] // heads
         # ids that are not token ids (Llama conversions of transformers 4.28 wrote pad -1) are
         # dropped: covjax only carries them back to the config.json it writes
         eos = hf.get("eos_token_id")
@@ -230,13 +243,14 @@ class ModelConfig:
             num_hidden_layers=hf["num_hidden_layers"],
             num_attention_heads=heads,
             num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            head_dim=hf.get("head_dim") or default_head_dim,
             rope_theta=rope_theta,
             rope_scaling=scaling,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
             attention_out_bias=out_bias,
+            qk_norm=architecture == "qwen3",
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             sliding_window=window,
             bos_token_id=_valid_id(hf.get("bos_token_id")),
@@ -271,11 +285,11 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None:
                 hf[name] = list(value) if isinstance(value, tuple) else value
-        if self.architecture == "qwen2":
+        if self.architecture in ("qwen2", "qwen3"):
             hf["use_sliding_window"] = self.sliding_window is not None
             hf["sliding_window"] = self.sliding_window
             hf["max_window_layers"] = 0  # the window on every layer, as covjax checks it
-        else:
+        if self.architecture != "qwen2":
             hf["attention_bias"] = self.attention_bias
             hf["mlp_bias"] = False
         if self.architecture == "mistral":

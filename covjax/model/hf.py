@@ -151,6 +151,11 @@ def _tensor_specs(config: ModelConfig) -> list[tuple[str, str, Layout]]:
         ]
     if config.attention_out_bias:
         per_layer.append(("o_bias", "self_attn.o_proj.bias", "same"))
+    if config.qk_norm:
+        per_layer += [
+            ("q_norm", "self_attn.q_norm.weight", "same"),
+            ("k_norm", "self_attn.k_norm.weight", "same"),
+        ]
     specs += [
         (f"layers.{ours}", "model.layers.{i}." + theirs, lay) for ours, theirs, lay in per_layer
     ]

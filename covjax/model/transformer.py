@@ -1,4 +1,4 @@
-"""A decoder-only transformer (Qwen2/Qwen2.5, Llama 3.x, Mistral) in Flax NNX.
+"""A decoder-only transformer (Qwen2/Qwen2.5, Qwen3, Llama 3.x, Mistral) in Flax NNX.
 
 One file, nanoGPT style: RMSNorm -> GQA attention with RoPE -> residual -> RMSNorm -> SwiGLU ->
 residual, repeated, then a final RMSNorm and the output projection. Numerics follow the
@@ -9,8 +9,9 @@ Parameter layout (logical axes in brackets; `covjax.sharding.LOGICAL_RULES` maps
   layers.q_proj     [embed, q_heads, head_dim]    (+ bias [q_heads, head_dim] for Qwen2)
   layers.k_proj     [embed, kv_heads, head_dim]   layers.v_proj the same
   layers.o_proj     [q_heads, head_dim, embed]
+  layers.q_norm     [head_dim]                    layers.k_norm the same (Qwen3 only)
   layers.gate_proj  [embed, mlp]   layers.up_proj [embed, mlp]   layers.down_proj [mlp, embed]
-  layers.*_norm     [norm]         final_norm [norm]
+  layers.input_norm [norm]         layers.post_norm [norm]   final_norm [norm]
   lm_head           [embed, vocab] (absent when the embeddings are tied)
 With `scan_layers` every layer parameter has a leading [layers] axis.
 """
@@ -255,6 +256,9 @@ class Block(nnx.Module):
             self.v_bias = _param(rngs, (nkv, dh), ("kv_heads", "head_dim"), dt, "zeros")
         if c.attention_out_bias:
             self.o_bias = _param(rngs, (d,), ("norm",), dt, "zeros")
+        if c.qk_norm:
+            self.q_norm = _param(rngs, (dh,), ("head_dim",), dt, "ones")
+            self.k_norm = _param(rngs, (dh,), ("head_dim",), dt, "ones")
         self.post_norm = _param(rngs, (d,), ("norm",), dt, "ones")
         self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), dt, "normal")
         self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), dt, "normal")
@@ -291,6 +295,9 @@ class Block(nnx.Module):
         if c.attention_bias:
             q, k, v = q + self._w("q_bias"), k + self._w("k_bias"), v + self._w("v_bias")
         q, k, v = (checkpoint_name(t, "qkv_proj") for t in (q, k, v))
+        if c.qk_norm:  # Qwen3: every head normalised over head_dim, before RoPE
+            q = rms_norm(q, self.q_norm[...], c.rms_norm_eps)
+            k = rms_norm(k, self.k_norm[...], c.rms_norm_eps)
         q = constrain(apply_rope(q, cos, sin), ("act_batch", "act_length", "act_heads", None))
         k = constrain(apply_rope(k, cos, sin), ("act_batch", "act_length", "act_kv_heads", None))
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
