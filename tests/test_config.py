@@ -17,10 +17,11 @@ TOY = ["default", "toy_grpo", "toy_clip_higher", "toy_clip_cov", "toy_kl_cov"]
 RECIPES = [f"qwen2_5_{s}_{m}" for s in ("7b", "32b")
            for m in ("grpo", "clip_higher", "clip_cov", "kl_cov")]
 CODE = ["qwen2_5_7b_code_clip_cov"]
+QWEN3 = ["qwen3_8b_clip_cov"]
 
 
 def test_every_config_file_is_listed():
-    listed = TOY + RECIPES + CODE + ["recipes"]
+    listed = TOY + RECIPES + CODE + QWEN3 + ["recipes"]
     assert sorted(p.stem for p in CONFIGS.glob("*.py")) == sorted(listed)
     assert "get_config" not in vars(recipes())  # the recipes' module is not a config file
 
@@ -69,7 +70,7 @@ def _with_inputs(c, tmp_path):
     return c
 
 
-@pytest.mark.parametrize("name", RECIPES + CODE)
+@pytest.mark.parametrize("name", RECIPES + CODE + QWEN3)
 def test_recipes_need_model_and_data(name, tmp_path):
     c = load(name)
     with pytest.raises(ValueError, match="config.model.path is empty"):
@@ -86,6 +87,11 @@ def test_recipes_need_model_and_data(name, tmp_path):
         config_lib.validate(c)
     config_lib.validate(_with_inputs(c, tmp_path))
     config_lib.validate(_with_inputs(load(name, "smoke"), tmp_path))
+
+
+def test_the_qwen3_recipe_is_the_7b_clip_cov_recipe():
+    assert load(QWEN3[0]) == load("qwen2_5_7b_clip_cov")
+    assert load(QWEN3[0], "smoke") == load("qwen2_5_7b_clip_cov", "smoke")
 
 
 def test_the_code_recipe_is_clip_cov_on_code():
