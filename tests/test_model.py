@@ -221,18 +221,59 @@ def test_special_ids_that_are_not_token_ids_are_dropped():
     assert written["eos_token_id"] == [2]
 
 
-def test_sliding_windows_follow_transformers_defaults():
+def _hf_windows(config: ModelConfig, tmp_path) -> list[int | None]:
+    """The window per layer (None: full attention) transformers reads from config.json."""
+    (tmp_path / "config.json").write_text(json.dumps(config.to_hf_config()))
+    hf = transformers.AutoConfig.from_pretrained(tmp_path)
+    windows = [hf.sliding_window] * hf.num_hidden_layers
+    if hf.model_type == "qwen2":
+        windows = [hf.sliding_window if t == "sliding_attention" else None
+                   for t in hf.layer_types]
+    return windows
+
+
+def test_sliding_windows_follow_transformers(tmp_path):
+    """Which layers slide, read as transformers reads config.json (Qwen2Config: only with
+    use_sliding_window, the layers >= max_window_layers or named by layer_types), and written
+    back so that transformers reads the same windows."""
     hf = {"architectures": ["MistralForCausalLM"], "num_attention_heads": 4, **SMALL}
-    assert ModelConfig.from_hf_config(hf).sliding_window == 4096  # MistralConfig's default
+    mistral = ModelConfig.from_hf_config(hf)
+    assert (mistral.sliding_window, mistral.sliding_layers) == (4096, (True, True))
     assert ModelConfig.from_hf_config(dict(hf, sliding_window=None)).sliding_window is None
-    qwen2 = dict(hf, architectures=["Qwen2ForCausalLM"], use_sliding_window=True,
-                 sliding_window=8)
-    assert ModelConfig.from_hf_config(qwen2).sliding_window is None  # layers < 28 never slide
-    sliding = ModelConfig.from_hf_config(dict(qwen2, max_window_layers=1))
-    assert sliding.sliding_window == 8
-    assert ModelConfig.from_hf_config(sliding.to_hf_config()) == sliding
-    assert transformers.Qwen2Config(**sliding.to_hf_config()).layer_types == [
-        "sliding_attention", "sliding_attention"]
+    assert _hf_windows(mistral.replace(sliding_window=8), tmp_path) == [8, 8]
+    qwen2 = dict(hf, architectures=["Qwen2ForCausalLM"], num_hidden_layers=3, sliding_window=8)
+    cases = [  # extra config.json keys -> windows per layer
+        (dict(), [None] * 3),  # use_sliding_window defaults to False
+        (dict(use_sliding_window=True), [None] * 3),  # layers < 28 never slide
+        (dict(use_sliding_window=True, max_window_layers=1), [None, 8, 8]),
+        (dict(use_sliding_window=True, max_window_layers=0), [8, 8, 8]),
+        (dict(use_sliding_window=True, max_window_layers=0, sliding_window=None), [None] * 3),
+        (dict(use_sliding_window=True, layer_types=["sliding_attention", "full_attention",
+                                                    "sliding_attention"]), [8, None, 8]),
+    ]
+    for extra, windows in cases:
+        config = ModelConfig.from_hf_config(dict(qwen2, **extra))
+        ours = [config.sliding_window if s else None for s in config.sliding_layers]
+        assert ours == windows, extra
+        assert _hf_windows(config, tmp_path) == windows, extra
+        assert ModelConfig.from_hf_config(config.to_hf_config()) == config, extra
+    bad_types = dict(qwen2, use_sliding_window=True, layer_types=["sliding_attention"])
+    with pytest.raises(ValueError, match=r"layer_types=\['sliding_attention'\] must list one"):
+        ModelConfig.from_hf_config(bad_types)
+    qwen2_config = ModelConfig.from_hf_config(qwen2)
+    for fields, match in [
+        (dict(full_attention_layers=(0,)), "full_attention_layers is set without a sliding"),
+        (dict(sliding_window=8, full_attention_layers=(1, 0)), "must be a sorted tuple"),
+        (dict(sliding_window=8, full_attention_layers=(3,)), "below num_hidden_layers=3"),
+        (dict(sliding_window=8, full_attention_layers=(0, 1, 2)), "use sliding_window=None"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            qwen2_config.replace(**fields)
+    with pytest.raises(ValueError, match="a mistral config slides every layer"):
+        mistral.replace(full_attention_layers=(0,))
+    with pytest.raises(ValueError, match="a llama config has no sliding_window"):
+        ModelConfig.from_hf_config(dict(hf, architectures=["LlamaForCausalLM"])).replace(
+            sliding_window=8)
 
 
 def test_sharded_checkpoint_with_index(hf_dirs, tmp_path):
