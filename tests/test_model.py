@@ -79,6 +79,15 @@ FAMILIES = {
         dict(num_attention_heads=4, num_key_value_heads=1, head_dim=24, rope_theta=1e6,
              attention_bias=True, tie_word_embeddings=False),  # the bias comes before the norm
     ),
+    "mistral_window4": (  # every layer slides over 4 of the 12 tokens
+        "mistral",
+        dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=4),
+    ),
+    "qwen2_window4": (  # layer 0 attends to every key, layer 1 slides over 4
+        "qwen2",
+        dict(num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+             sliding_window=4, max_window_layers=1),
+    ),
 }
 
 
@@ -231,18 +240,59 @@ def test_special_ids_that_are_not_token_ids_are_dropped():
     assert written["eos_token_id"] == [2]
 
 
-def test_sliding_windows_follow_transformers_defaults():
+def _hf_windows(config: ModelConfig, tmp_path) -> list[int | None]:
+    """The window per layer (None: full attention) transformers reads from config.json."""
+    (tmp_path / "config.json").write_text(json.dumps(config.to_hf_config()))
+    hf = transformers.AutoConfig.from_pretrained(tmp_path)
+    windows = [hf.sliding_window] * hf.num_hidden_layers
+    if hf.model_type == "qwen2":
+        windows = [hf.sliding_window if t == "sliding_attention" else None
+                   for t in hf.layer_types]
+    return windows
+
+
+def test_sliding_windows_follow_transformers(tmp_path):
+    """Which layers slide, read as transformers reads config.json (Qwen2Config: only with
+    use_sliding_window, the layers >= max_window_layers or named by layer_types), and written
+    back so that transformers reads the same windows."""
     hf = {"architectures": ["MistralForCausalLM"], "num_attention_heads": 4, **SMALL}
-    assert ModelConfig.from_hf_config(hf).sliding_window == 4096  # MistralConfig's default
+    mistral = ModelConfig.from_hf_config(hf)
+    assert (mistral.sliding_window, mistral.sliding_layers) == (4096, (True, True))
     assert ModelConfig.from_hf_config(dict(hf, sliding_window=None)).sliding_window is None
-    qwen2 = dict(hf, architectures=["Qwen2ForCausalLM"], use_sliding_window=True,
-                 sliding_window=8)
-    assert ModelConfig.from_hf_config(qwen2).sliding_window is None  # layers < 28 never slide
-    sliding = ModelConfig.from_hf_config(dict(qwen2, max_window_layers=1))
-    assert sliding.sliding_window == 8
-    assert ModelConfig.from_hf_config(sliding.to_hf_config()) == sliding
-    assert transformers.Qwen2Config(**sliding.to_hf_config()).layer_types == [
-        "sliding_attention", "sliding_attention"]
+    assert _hf_windows(mistral.replace(sliding_window=8), tmp_path) == [8, 8]
+    qwen2 = dict(hf, architectures=["Qwen2ForCausalLM"], num_hidden_layers=3, sliding_window=8)
+    cases = [  # extra config.json keys -> windows per layer
+        (dict(), [None] * 3),  # use_sliding_window defaults to False
+        (dict(use_sliding_window=True), [None] * 3),  # layers < 28 never slide
+        (dict(use_sliding_window=True, max_window_layers=1), [None, 8, 8]),
+        (dict(use_sliding_window=True, max_window_layers=0), [8, 8, 8]),
+        (dict(use_sliding_window=True, max_window_layers=0, sliding_window=None), [None] * 3),
+        (dict(use_sliding_window=True, layer_types=["sliding_attention", "full_attention",
+                                                    "sliding_attention"]), [8, None, 8]),
+    ]
+    for extra, windows in cases:
+        config = ModelConfig.from_hf_config(dict(qwen2, **extra))
+        ours = [config.sliding_window if s else None for s in config.sliding_layers]
+        assert ours == windows, extra
+        assert _hf_windows(config, tmp_path) == windows, extra
+        assert ModelConfig.from_hf_config(config.to_hf_config()) == config, extra
+    bad_types = dict(qwen2, use_sliding_window=True, layer_types=["sliding_attention"])
+    with pytest.raises(ValueError, match=r"layer_types=\['sliding_attention'\] must list one"):
+        ModelConfig.from_hf_config(bad_types)
+    qwen2_config = ModelConfig.from_hf_config(qwen2)
+    for fields, match in [
+        (dict(full_attention_layers=(0,)), "full_attention_layers is set without a sliding"),
+        (dict(sliding_window=8, full_attention_layers=(1, 0)), "must be a sorted tuple"),
+        (dict(sliding_window=8, full_attention_layers=(3,)), "below num_hidden_layers=3"),
+        (dict(sliding_window=8, full_attention_layers=(0, 1, 2)), "use sliding_window=None"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            qwen2_config.replace(**fields)
+    with pytest.raises(ValueError, match="a mistral config slides every layer"):
+        mistral.replace(full_attention_layers=(0,))
+    with pytest.raises(ValueError, match="a llama config has no sliding_window"):
+        ModelConfig.from_hf_config(dict(hf, architectures=["LlamaForCausalLM"])).replace(
+            sliding_window=8)
 
 
 def test_qwen3_config_follows_transformers(hf_dirs):
@@ -431,8 +481,8 @@ def test_hidden_states_times_unembed_is_logits(hf_dirs):
 @pytest.mark.parametrize(
     "name, shape",
     [("llama3_gqa4", dict(fsdp=8)), ("llama3_gqa4", dict(fsdp=4, tensor=2)),
-     ("qwen3_tied", dict(fsdp=4, tensor=2))],
-    ids=["llama3_fsdp8", "llama3_fsdp4_tp2", "qwen3_fsdp4_tp2"],
+     ("qwen3_tied", dict(fsdp=4, tensor=2)), ("qwen2_window4", dict(fsdp=4, tensor=2))],
+    ids=["llama3_fsdp8", "llama3_fsdp4_tp2", "qwen3_fsdp4_tp2", "window4_fsdp4_tp2"],
 )
 def test_sharded_forward_matches_transformers(hf_dirs, name, shape):
     ids, mask, positions = _batch(seed=9, batch=8)
@@ -467,20 +517,6 @@ def test_random_init_runs_and_config_round_trips(tmp_path):
     hf = transformers.AutoConfig.from_pretrained(tmp_path)
     assert isinstance(hf, transformers.LlamaConfig)
     assert (hf.num_key_value_heads, hf.head_dim, hf.attention_bias) == (2, 16, True)
-
-
-def test_sliding_window_only_where_it_has_no_effect(hf_dirs, tmp_path):
-    config = json.loads(open(os.path.join(hf_dirs["mistral_gqa2"], "config.json")).read())
-    config["sliding_window"] = 8
-    for name in os.listdir(hf_dirs["mistral_gqa2"]):
-        if name != "config.json":
-            os.symlink(os.path.join(hf_dirs["mistral_gqa2"], name), tmp_path / name)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    model = from_pretrained(tmp_path)
-    forward = nnx.jit(lambda m, x: m(x))
-    forward(model, jnp.zeros((1, 8), jnp.int32))  # 8 keys fit the window
-    with pytest.raises(ValueError, match="sliding_window=8"):
-        forward(model, jnp.zeros((1, 9), jnp.int32))
 
 
 def test_bad_inputs_are_named(hf_dirs, tmp_path):

@@ -41,11 +41,16 @@ TINY = dict(
     eos_token_id=None,
     pad_token_id=0,
 )
-FAMILIES = {  # family -> extra config
-    "qwen2": dict(tie_word_embeddings=True),
-    "llama": dict(rope_theta=500000.0),
-    "mistral": dict(sliding_window=None),
-    "qwen3": dict(head_dim=32, rope_theta=1e6),  # per-head q/k norms; head_dim != 64 / 4
+FAMILIES = {  # name -> (family of helpers.HF_CLASSES, extra config)
+    "qwen2": ("qwen2", dict(tie_word_embeddings=True)),
+    "llama": ("llama", dict(rope_theta=500000.0)),
+    "mistral": ("mistral", dict(sliding_window=None)),
+    # windows of 4 keys, shorter than the prompts and responses: every layer, or layer 1 only
+    "mistral_window4": ("mistral", dict(sliding_window=4)),
+    "qwen2_window4": ("qwen2", dict(tie_word_embeddings=True, use_sliding_window=True,
+                                    sliding_window=4, max_window_layers=1)),
+    # per-head q/k norms; head_dim != 64 / 4
+    "qwen3": ("qwen3", dict(head_dim=32, rope_theta=1e6)),
 }
 
 
@@ -56,13 +61,13 @@ def _prompts(lengths, seed=0):
 
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
-    """family -> (saved folder, torch model) for tiny random models of each family."""
+    """name -> (saved folder, torch model) for tiny random models of each FAMILIES entry."""
     out = {}
-    for i, (family, extra) in enumerate(FAMILIES.items()):
+    for i, (name, (family, extra)) in enumerate(FAMILIES.items()):
         model = tiny_hf_model(family, seed=i, **{**TINY, **extra})
-        path = tmp_path_factory.mktemp(family)
+        path = tmp_path_factory.mktemp(name)
         model.save_pretrained(path)
-        out[family] = (path, model)
+        out[name] = (path, model)
     return out
 
 
@@ -97,9 +102,9 @@ def _chi2_pvalue(counts, probs):
     return stats.chisquare(obs, exp).pvalue
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_greedy_matches_transformers_generate(hf_models, family):
-    path, torch_model = hf_models[family]
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_greedy_matches_transformers_generate(hf_models, name):
+    path, torch_model = hf_models[name]
     model = from_pretrained(path, dtype=jnp.float32)
     prompts = _prompts([3, 7, 12], seed=1)
     rollout = Sampler(model).generate(

@@ -18,6 +18,7 @@ _HF_NAME = {v: k for k, v in HF_ARCHITECTURES.items()}
 REMAT_POLICIES = ("none", "layer", "dots", "minimal", "save_attention")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names, in config.json
 LLAMA3_ROPE_KEYS = (
     "factor",
     "low_freq_factor",
@@ -45,11 +46,13 @@ class ModelConfig:
     "minimal" (keep the attention's matmul outputs, q/k/v, attention and out projection, and
     recompute the MLP's) or "save_attention" (keep only the attention outputs).
     `scan_layers` stacks the blocks and runs them with `lax.scan`, so compile time is flat in
-    depth. `sliding_window` (Mistral) is accepted only where it cannot change the result: a
-    forward over more keys than the window raises. `qk_norm` (Qwen3, and only Qwen3) applies an
-    RMSNorm over head_dim to every query and key head before RoPE. `bos_token_id`,
-    `eos_token_id` (one id or a tuple) and `pad_token_id` are carried from config.json to the
-    config.json written back.
+    depth. `sliding_window` (Mistral, Qwen2's `use_sliding_window`): in a sliding layer the
+    query at slot i (its index in the row, padding included, as transformers' cache positions)
+    sees the keys at slots j with i - sliding_window < j <= i; every layer slides but those in
+    `full_attention_layers` (sorted layer indices; Qwen2/3's `max_window_layers` or `layer_types`).
+    `qk_norm` (Qwen3, and only Qwen3) applies an RMSNorm over head_dim to every query and key
+    head before RoPE. `bos_token_id`, `eos_token_id` (one id or a tuple) and `pad_token_id` are
+    carried from config.json to the config.json written back.
     """
 
     architecture: str
@@ -73,6 +76,7 @@ class ModelConfig:
     attention_out_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
+    full_attention_layers: tuple[int, ...] = ()
     attention_impl: str = "auto"
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -113,6 +117,7 @@ class ModelConfig:
                 f"ModelConfig.sliding_window must be None or a positive int, "
                 f"got {self.sliding_window!r}"
             )
+        self._check_sliding_layers()
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; use one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
@@ -151,6 +156,40 @@ class ModelConfig:
                 f"a {self.architecture} config must have qk_norm={not self.qk_norm}: the q/k "
                 "norms are Qwen3's alone"
             )
+
+    def _check_sliding_layers(self) -> None:
+        """One representation per pattern: no exempt layers without a window, not all exempt."""
+        full, layers = self.full_attention_layers, self.num_hidden_layers
+        indices = isinstance(full, tuple) and all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in full
+        )
+        if not (indices and list(full) == sorted(set(full))):
+            raise ValueError(
+                f"ModelConfig.full_attention_layers={full!r} must be a sorted tuple of distinct "
+                f"layer indices below num_hidden_layers={layers}"
+            )
+        if full and self.sliding_window is None:
+            raise ValueError("ModelConfig.full_attention_layers is set without a sliding_window")
+        if len(full) == layers:
+            raise ValueError(
+                "ModelConfig.full_attention_layers holds every layer; use sliding_window=None"
+            )
+        if self.sliding_window is not None and self.architecture == "llama":
+            raise ValueError("a llama config has no sliding_window")
+        if full and self.architecture == "mistral":
+            raise ValueError(
+                "a mistral config slides every layer (transformers' MistralConfig has no "
+                "layer_types); full_attention_layers must be empty"
+            )
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer, whether it attends within `sliding_window` (False for all without one)."""
+        full = set(self.full_attention_layers)
+        return tuple(
+            self.sliding_window is not None and i not in full
+            for i in range(self.num_hidden_layers)
+        )
 
     def __hash__(self) -> int:
         # rope_scaling is a dict; hash its items so configs can be static jit/nnx metadata.
@@ -213,19 +252,17 @@ class ModelConfig:
             if scaling.get("rope_type", "default") == "default":
                 scaling = None
         heads = hf["num_attention_heads"]
+        window, full_layers = None, ()
         if architecture == "qwen2":
             attention_bias, out_bias = True, False
         else:
             attention_bias = bool(hf.get("attention_bias", False))
             out_bias = attention_bias
         if architecture in ("qwen2", "qwen3"):
-            # transformers' Qwen2/Qwen3 slide only layers >= max_window_layers (default 28)
-            sliding = hf.get("use_sliding_window", False) and hf.get(
-                "max_window_layers", 28) < hf["num_hidden_layers"]
-            window = hf.get("sliding_window") if sliding else None
-        else:
+            window, full_layers = _qwen_sliding_layers(hf)
+        if architecture == "mistral":
             # MistralConfig's default window is 4096 when config.json does not name one
-            window = hf.get("sliding_window", 4096) if architecture == "mistral" else None
+            window = hf.get("sliding_window", 4096)
         # Qwen3Config's head_dim defaults to 128, the others' to hidden_size / heads
         default_head_dim = 128 if architecture == "qwen3" else hf["hidden_size"] // heads
         # ids that are not token ids (Llama conversions of transformers 4.28 wrote pad -1) are
@@ -253,6 +290,7 @@ class ModelConfig:
             qk_norm=architecture == "qwen3",
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             sliding_window=window,
+            full_attention_layers=full_layers,
             bos_token_id=_valid_id(hf.get("bos_token_id")),
             eos_token_id=eos,
             pad_token_id=_valid_id(hf.get("pad_token_id")),
@@ -286,12 +324,40 @@ class ModelConfig:
             if value is not None:
                 hf[name] = list(value) if isinstance(value, tuple) else value
         if self.architecture in ("qwen2", "qwen3"):
+            sliding = self.sliding_layers
             hf["use_sliding_window"] = self.sliding_window is not None
             hf["sliding_window"] = self.sliding_window
-            hf["max_window_layers"] = 0  # the window on every layer, as covjax checks it
+            hf["layer_types"] = [LAYER_TYPES[1] if s else LAYER_TYPES[0] for s in sliding]
+            # for readers without layer_types (transformers < 4.53): the leading full layers
+            hf["max_window_layers"] = sliding.index(True) if any(sliding) else len(sliding)
         if self.architecture != "qwen2":
             hf["attention_bias"] = self.attention_bias
             hf["mlp_bias"] = False
         if self.architecture == "mistral":
             hf["sliding_window"] = self.sliding_window
         return hf
+
+
+def _qwen_sliding_layers(hf: dict) -> tuple[int | None, tuple[int, ...]]:
+    """(sliding_window, full_attention_layers) of a Qwen2 or Qwen3 config.json, as they read it.
+
+    The window applies only with use_sliding_window (default window 4096), to the layers that
+    `layer_types` calls "sliding_attention" or, without layer_types (transformers 4), to the
+    layers >= max_window_layers (default 28). No sliding layer: (None, ()).
+    """
+    if not hf.get("use_sliding_window", False) or hf.get("sliding_window", 4096) is None:
+        return None, ()
+    layers = hf["num_hidden_layers"]
+    types = hf.get("layer_types")
+    if types is None:
+        first = hf.get("max_window_layers", 28)
+        types = [LAYER_TYPES[1] if i >= first else LAYER_TYPES[0] for i in range(layers)]
+    if not (isinstance(types, list) and len(types) == layers and set(types) <= set(LAYER_TYPES)):
+        raise ValueError(
+            f"config.json layer_types={types!r} must list one of {LAYER_TYPES} per layer "
+            f"({layers} layers)"
+        )
+    full = tuple(i for i, t in enumerate(types) if t == "full_attention")
+    if len(full) == layers:
+        return None, ()
+    return hf.get("sliding_window", 4096), full

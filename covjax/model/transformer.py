@@ -54,7 +54,8 @@ class KVCache:
 
     k, v: [L, B, S, Hkv, Dh] in the compute dtype; key_mask [B, S] (True = a real token was
     written there); index: next slot to write, shared by all rows ([]) or per row ([B], the
-    sampler's slot pool, whose rows are at different lengths).
+    sampler's slot pool, whose rows are at different lengths). Sliding-window layers keep all
+    S slots too (no rolling buffer): their keys older than the window are masked, not evicted.
     """
 
     k: jax.Array
@@ -178,6 +179,37 @@ def causal_attention_even(
     return out[:, :length]
 
 
+def layer_slides(config: ModelConfig, layer: jax.Array | int | None) -> bool | jax.Array:
+    """Whether `layer` attends within the sliding window: a Python bool where tracing knows it
+    (an unstacked layer, or every layer alike), else a lookup by the scanned layer index."""
+    sliding = config.sliding_layers
+    if isinstance(layer, int):
+        return sliding[layer]
+    if len(set(sliding)) == 1:
+        return sliding[0]
+    if layer is None:
+        raise ValueError("a Block of a config with sliding and full layers needs its layer index")
+    return jnp.asarray(sliding)[layer]
+
+
+def sliding_window_masks(
+    masks: Masks, query_slots: jax.Array, num_keys: int, window: int, sliding: bool | jax.Array
+) -> Masks:
+    """`masks` for one layer: causal and, where `sliding`, only keys at slots j with
+    i - window < j <= i for the query at slot i (transformers' sliding_window_causal mask).
+
+    query_slots [B or 1, T] are the queries' slots among the `num_keys` keys. A query whose
+    window holds no visible key gets query_valid False (zeros, never NaN), as a padding query.
+    """
+    mask, query_valid = masks
+    keys = jnp.arange(num_keys)
+    causal = keys <= query_slots[..., None]
+    within = jnp.logical_or(keys > query_slots[..., None] - window, jnp.logical_not(sliding))
+    visible = (causal & within)[:, None]
+    visible = visible if mask is None else mask & visible
+    return visible, None if query_valid is None else jnp.any(visible[:, 0], axis=-1)
+
+
 def _write_slots(cache: jax.Array, new: jax.Array, layer, index: jax.Array) -> jax.Array:
     """Writes new [B, T, H, D] into cache [L, B, S, H, D] at (layer, b, index[b]) for every row.
 
@@ -211,7 +243,8 @@ def decode_attention(
     smallest bucket (decode_key_buckets) past every row's last visible key.
 
     The slots beyond n are masked for every row, so the result is attention over the whole
-    cache, while a step reads keys/values in proportion to the filled length.
+    cache, while a step reads keys/values in proportion to the filled length (a sliding layer's
+    too: the slots before its window are masked, and read).
     """
     _, b, size, heads, dh = k_all.shape
     buckets = decode_key_buckets(size)
@@ -286,9 +319,17 @@ class Block(nnx.Module):
         masks = (mask [B, 1, T, S] bool or None, query_valid [B, T] bool or None). Without a
         cache the causal mask is implicit (`is_causal`, so cuDNN skips the masked blocks) and
         `mask` only hides padding keys; with a cache `mask` is the whole visibility pattern.
+        A sliding window shorter than the keys is added here (sliding_window_masks), per `layer`.
         """
-        mask, query_valid = masks
         c = self.config
+        num_keys = x.shape[1] if kv is None else kv[0].shape[2]
+        if c.sliding_window is not None and num_keys > c.sliding_window:  # else it hides none
+            start = 0 if index is None else jnp.reshape(index, (-1, 1))
+            query_slots = start + jnp.arange(x.shape[1])[None, :]
+            masks = sliding_window_masks(
+                masks, query_slots, num_keys, c.sliding_window, layer_slides(c, layer)
+            )
+        mask, query_valid = masks
         q = jnp.einsum("btd,dnh->btnh", x, self._w("q_proj"))
         k = jnp.einsum("btd,dnh->btnh", x, self._w("k_proj"))
         v = jnp.einsum("btd,dnh->btnh", x, self._w("v_proj"))
@@ -307,11 +348,6 @@ class Block(nnx.Module):
             k_all, v_all = new_kv
             k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False).astype(q.dtype)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False).astype(q.dtype)
-        if c.sliding_window is not None and k.shape[1] > c.sliding_window:
-            raise ValueError(
-                f"sliding_window={c.sliding_window} is smaller than the {k.shape[1]} attended "
-                "keys; sliding-window attention is not implemented"
-            )
         impl = _attention_impl(c, q.dtype, decoding=kv is not None)
         if kv is not None and q.shape[1] == 1:
             out = decode_attention(q, *new_kv, layer, mask, impl)
@@ -348,7 +384,8 @@ class Block(nnx.Module):
         index: jax.Array | None = None,
         layer: jax.Array | int | None = None,
     ) -> tuple[jax.Array, KV | None]:
-        """(x', kv'): kv is the all-layer cache (or None), `layer` this block's index in it."""
+        """(x', kv'): kv is the all-layer cache (or None), `layer` this block's index (in it, and
+        for its sliding window)."""
         eps = self.config.rms_norm_eps
         attn, new_kv = self.attention(
             rms_norm(x, self.input_norm[...], eps), cos, sin, masks, kv, index, layer
