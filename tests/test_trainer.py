@@ -1,8 +1,9 @@
 """python -m covjax.train end to end on the toy's smoke setting (4 steps): the metrics file, the
 checkpoints, the final Hugging Face folder, exact resume (4 steps == 2 + resume + 2) and the
-clear error of a bad config (with nothing written); and a paper recipe's smoke setting on a tiny
-random Qwen2 folder with local math data (the real-model path: from_pretrained, covjax.data,
-math-verify rewards, covjax.eval, bf16 compute, remat, scanned layers)."""
+clear error of a bad config or a workdir the storage layer refuses (with nothing written or
+compiled); and a paper recipe's smoke setting on a tiny random Qwen2 folder with local math data
+(the real-model path: from_pretrained, covjax.data, math-verify rewards, covjax.eval, bf16
+compute, remat, scanned layers)."""
 
 import json
 import math
@@ -266,6 +267,26 @@ def test_limits_known_before_compiling_are_checked_before_anything_is_written(tm
         "model's max_position_embeddings=64"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_a_workdir_the_storage_layer_refuses_stops_before_compiling(monkeypatch):
+    from etils.epath import backend
+
+    def refuse(self, path):  # as gcsfs without credentials
+        raise PermissionError(f"Anonymous caller does not have storage.objects.list access to "
+                              f"{path}.\nPermission denied.")
+
+    monkeypatch.setattr(type(backend.fsspec_backend), "fs", refuse)
+    monkeypatch.setattr(trainer, "build_model", lambda *args: pytest.fail("built and compiled"))
+    config = load_config("default", "smoke")
+    for workdir, message in [
+        ("gs://bucket/run", "workdir gs://bucket/run: PermissionError: Anonymous caller does not "
+         "have storage.objects.list access to gs://bucket/run."),
+        ("foo://bucket/run", "workdir foo://bucket/run: etils.epath opens no foo:// paths"),
+    ]:
+        with pytest.raises(config_lib.ConfigError) as error:
+            trainer.train(config, workdir)
+        assert str(error.value) == message
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
