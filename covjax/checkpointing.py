@@ -216,6 +216,8 @@ RESUME_MAY_CHANGE = (
     "train.log_interval",
     "train.cov_dump_interval",
     "train.entropy_check_interval",
+    "train.export_interval",
+    "train.export_dtype",
     "train.micro_batch_size",
     "train.logprob_chunk_size",
     "train.length_granularity",

@@ -17,8 +17,9 @@ Several processes (jax.distributed, one mesh over all their devices) run this sa
 process draws the same prompts; the sampler is one program over the global mesh and its results
 are all-gathered to every host; each process scores its own slice of the responses
 (covjax.rollouts.score_split); training batches are global arrays each process fills from the
-same host data; process 0 alone writes config.json, metrics, cov dumps, hf_final and the log,
-and every process takes part in the orbax checkpoint.
+same host data; process 0 alone writes config.json, metrics, cov dumps, the Hugging Face exports
+(hf_step_<steps done> every train.export_interval steps, hf_final at the end) and the log, and
+every process takes part in the orbax checkpoint and in the exports' gathers.
 
 The workdir is a local folder or an object store's URL (gs://...: covjax.storage); a storage layer
 that refuses it stops the run at set-up, before anything is compiled.
@@ -413,6 +414,11 @@ def _train(config, workdir: epath.Path, mesh, model, task: Task, manager, latest
                     save(done)
                 except OSError as error:
                     raise _stop_run(manager, f"step {step}: {error}") from error
+            if done < config.train.steps and _due(done, config.train.export_interval):
+                try:  # the last step's weights are hf_final
+                    _export(model, workdir / f"hf_step_{done}", config, task)
+                except OSError as error:
+                    raise _stop_run(manager, f"step {step}: {error}") from error
             if stopping:
                 break
 
@@ -432,8 +438,7 @@ def _train(config, workdir: epath.Path, mesh, model, task: Task, manager, latest
         raise RunFailed(f"the weights after step {config.train.steps - 1} are not finite: "
                         "hf_final is not written (lower config.optim.lr)")
     if finished:
-        save_pretrained(model, workdir / "hf_final", tokenizer=task.tokenizer,  # process 0
-                        source_dir=os.path.expanduser(config.model.path) or None)
+        _export(model, workdir / "hf_final", config, task)
         if config.data.task == "toy" and jax.process_index() == 0:
             # beside a qwen2 config.json, AutoTokenizer would load Qwen2's own tokenizer
             save_tokenizer(task.tokenizer, workdir / "tokenizer")
@@ -446,6 +451,14 @@ def _train(config, workdir: epath.Path, mesh, model, task: Task, manager, latest
     if stopping:
         raise StoppedBySignal(done, stop.signum)
     return records
+
+
+def _export(model: Transformer, path: epath.Path, config, task: Task) -> None:
+    """The model as a Hugging Face folder at `path` (weights in train.export_dtype, the tokenizer,
+    the model folder's generation config): every process gathers, process 0 writes."""
+    save_pretrained(model, path, tokenizer=task.tokenizer,
+                    source_dir=os.path.expanduser(config.model.path) or None,
+                    dtype=config.train.export_dtype)
 
 
 def _stop_run(manager, why: str) -> RunFailed:
