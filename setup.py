@@ -17,12 +17,14 @@ setup(
         "flax>=0.11.0",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11.0",
+        "etils[epath]>=1.7.0",
         "chex>=0.1.88",
         "absl-py>=2.1.0",
         "ml-collections>=1.0.0",
         "transformers>=4.51.0",
         "tokenizers>=0.21.0",
         "safetensors>=0.4.3",
+        "huggingface-hub>=0.23.0",
         "datasets>=3.0.0",
         "math-verify>=0.7.0",
         "numpy>=1.26",
@@ -46,5 +48,7 @@ setup(
         ],
         "gpu": ["jax[cuda12]>=0.6.0"],
         "tpu": ["jax[tpu]>=0.6.0"],
+        # gs:// workdirs: etils.epath's backend for Google Cloud Storage
+        "gcs": ["gcsfs>=2024.2.0"],
     },
 )

@@ -5,6 +5,11 @@ parameters, optimizer state, update count), the frozen reference policy when the
 one, and a JSON record of the step, the task's data position and the seed: everything a step
 derives its randomness and its prompts from, so a resumed run repeats what an uninterrupted one
 would have done.
+
+WORKDIR is a local folder or an object store's URL (gs://..., covjax.storage): orbax writes the
+checkpoints there directly, every other file goes through etils.epath, and a storage layer that
+refuses the workdir (no credentials, no such bucket, gcsfs not installed) stops the run at set-up
+with one line (`storage_errors`).
 """
 
 from __future__ import annotations
@@ -22,14 +27,15 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
-from covjax import multihost
+from covjax import multihost, storage
 from covjax.config import ConfigError, flatten, to_json
 from covjax.data import split_files, split_named_files
 
 
-def make_manager(workdir: Path) -> ocp.CheckpointManager:
+def make_manager(workdir: epath.Path) -> ocp.CheckpointManager:
     """The run's checkpoint manager: the two newest checkpoints are kept."""
     return ocp.CheckpointManager(
         workdir / "checkpoints",
@@ -50,6 +56,19 @@ def _one_line(error: BaseException) -> str:
     """An exception as one line: its type and the first line of its message."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+@contextlib.contextmanager
+def storage_errors(workdir: epath.Path) -> Iterator[None]:
+    """Re-raises a failure of the storage layer in the block (no credentials, no such bucket, an
+    uninstalled backend such as gcsfs) as config.ConfigError: one line naming the workdir, with
+    the storage layer's own message. A ConfigError of the block passes through."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as error:  # noqa: BLE001 - every storage backend raises its own types
+        raise ConfigError(f"workdir {workdir}: {_one_line(error)}") from error
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
@@ -115,8 +134,8 @@ def restore_newest(manager: ocp.CheckpointManager, like: Any) -> tuple[Any, dict
         skipped.append(f"checkpoint {step}: {why}")
         logging.warning("%s/%d does not restore (%s): skipped", manager.directory, step, why)
         if jax.process_index() == 0:
-            aside = Path(manager.directory) / f"{step}.unrestorable"
-            os.replace(Path(manager.directory) / str(step), aside)
+            directory = epath.Path(manager.directory)
+            (directory / str(step)).replace(directory / f"{step}.unrestorable")
         if jax.process_count() > 1:  # no process lists the step again before it is moved
             multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
         manager.reload()
@@ -127,16 +146,22 @@ def restore_newest(manager: ocp.CheckpointManager, like: Any) -> tuple[Any, dict
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: Path) -> Iterator[None]:
+def workdir_lock(workdir: epath.Path) -> Iterator[None]:
     """Holds WORKDIR/lock while the block runs (process 0 of a run), so two runs never write one
-    workdir. The lock is an exclusive flock on the file, which the kernel releases when its holder
-    dies however it dies; the file's {"host", "pid"} only names the holder. A held lock raises
-    config.ConfigError naming its host and pid; a file left by a holder that died is taken over
-    with a warning naming it."""
+    local workdir. The lock is an exclusive flock on the file, which the kernel releases when its
+    holder dies however it dies; the file's {"host", "pid"} only names the holder. A held lock
+    raises config.ConfigError naming its host and pid; a file left by a holder that died is taken
+    over with a warning naming it. An object store has no locks: a workdir there is not locked
+    (said in an INFO line), and keeping to one run per workdir is the user's to do."""
     if jax.process_index() != 0:
         yield
         return
-    path = workdir / LOCK_FILE
+    if not storage.is_local(workdir):
+        logging.info("%s: not locked (an object store has no locks): start one run per workdir",
+                     workdir)
+        yield
+        return
+    path = Path(workdir) / LOCK_FILE
     fd, left = _acquire(path)
     try:
         if left:
@@ -191,6 +216,8 @@ RESUME_MAY_CHANGE = (
     "train.log_interval",
     "train.cov_dump_interval",
     "train.entropy_check_interval",
+    "train.export_interval",
+    "train.export_dtype",
     "train.micro_batch_size",
     "train.logprob_chunk_size",
     "train.length_granularity",
@@ -243,14 +270,16 @@ def check_resume(saved: Mapping[str, Any], config: ml_collections.ConfigDict, so
         )
 
 
-def write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+def write_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
     """WORKDIR/config.json, replaced whole (other processes may be reading it)."""
     partial = workdir / "config.json.partial"
     partial.write_text(to_json(config))
-    os.replace(partial, workdir / "config.json")
+    partial.replace(workdir / "config.json")
 
 
-def check_workdir(workdir: Path, config: ml_collections.ConfigDict, latest: int | None) -> None:
+def check_workdir(
+    workdir: epath.Path, config: ml_collections.ConfigDict, latest: int | None
+) -> None:
     """A workdir with a checkpoint resumes only under the config it was started with."""
     saved = workdir / "config.json"
     if latest is not None and saved.exists():

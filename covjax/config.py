@@ -133,6 +133,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_interval = 10  # a log line of the headline metrics (metrics.jsonl: every step)
     c.train.cov_dump_interval = 10
     c.train.entropy_check_interval = 10  # one more no-grad forward on those steps
+    c.train.export_interval = 0  # a Hugging Face folder WORKDIR/hf_step_<steps done>
+    c.train.export_dtype = "bfloat16"  # of hf_step_* and hf_final (the master weights are fp32)
     return c
 
 
@@ -219,6 +221,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.log_interval": _AT_LEAST_ONE,
     "train.cov_dump_interval": _NON_NEGATIVE,
     "train.entropy_check_interval": _NON_NEGATIVE,
+    "train.export_interval": _NON_NEGATIVE,
+    "train.export_dtype": _choice(DTYPES),
 }
 
 

@@ -6,7 +6,7 @@ says what each one means. A workdir holds metrics.jsonl (one JSON object per RL 
 and every `train.cov_dump_interval` steps cov/step_SSSSSS.npy, the per-token covariances
 (Eq. 10) of the step's valid tokens.
 
-NumPy only at import: covjax.analysis reads the names without JAX.
+NumPy and etils.epath only at import: covjax.analysis reads the names without JAX.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from covjax import storage
 
 # ----------------------------------------------------------------------------- files
 
@@ -137,17 +139,20 @@ def summarize_updates(updates: list[dict[str, float]]) -> dict[str, float]:
 
 
 class MetricsWriter:
-    """metrics.jsonl (one JSON object per step) + TensorBoard events in the workdir.
+    """metrics.jsonl (one JSON object per step) + TensorBoard events in the workdir, a local folder
+    or an object store (covjax.storage: there each write rewrites the file whole).
 
     Both are written synchronously by the calling thread, so a failed write (a full disk)
     raises at once instead of stalling a writer queue; the OSError names the file.
     """
 
-    def __init__(self, workdir: Path, resume_step: int):
+    def __init__(self, workdir: epath.PathLike, resume_step: int):
         # imported here, not at the top: covjax.analysis imports this module and runs without JAX
         import jax
+        from tensorboardX import record_writer
         from tensorboardX.event_file_writer import EventsWriter
 
+        workdir = epath.Path(workdir)
         self.path = workdir / METRICS_FILE
         self.enabled = jax.process_index() == 0  # one writer in a multi-host run
         self.tb = None
@@ -155,13 +160,17 @@ class MetricsWriter:
             return
         if self.path.exists():  # drop steps logged after the checkpoint
             keep = [ln for ln, record in _read_lines(self.path) if record["step"] < resume_step]
-            partial = self.path.with_name(METRICS_FILE + ".partial")
+            partial = workdir / (METRICS_FILE + ".partial")
             partial.write_text("".join(ln + "\n" for ln in keep))
-            os.replace(partial, self.path)
+            partial.replace(self.path)
+        self.file = storage.AppendFile(self.path)
         tb_dir = workdir / "tensorboard"
         tb_dir.mkdir(exist_ok=True)
+        if not storage.is_local(tb_dir):
+            scheme = os.fspath(tb_dir).partition("://")[0]
+            record_writer.register_writer_factory(scheme, _EventsThroughEpath())
         with _naming(tb_dir):
-            self.tb = EventsWriter(str(tb_dir / "events"))
+            self.tb = EventsWriter(os.fspath(tb_dir / "events"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         """Appends the step's record; an OSError (naming the file) if it cannot be written."""
@@ -171,8 +180,9 @@ class MetricsWriter:
         from tensorboardX.summary import scalar
 
         record = {"step": step, **{k: _json_number(v) for k, v in sorted(metrics.items())}}
-        with _naming(self.path), self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        with _naming(self.path):
+            self.file.write((json.dumps(record) + "\n").encode())
+            self.file.flush()
         with _naming(self.path.parent / "tensorboard"):
             for k, v in metrics.items():
                 if v is not None and math.isfinite(v):
@@ -186,8 +196,20 @@ class MetricsWriter:
             self.tb.close()
 
 
+class _EventsThroughEpath:
+    """tensorboardX's writer factory for an object store's URL scheme: its events files as
+    storage.AppendFile, through etils.epath like every other file of the run (tensorboardX's own
+    gs:// and s3:// writers would need google-cloud-storage or boto3 and their credentials)."""
+
+    def open(self, path: str) -> storage.AppendFile:
+        return storage.AppendFile(epath.Path(path))
+
+    def directory_check(self, path: str) -> None:
+        """Nothing to make: an object store has no folders."""
+
+
 @contextlib.contextmanager
-def _naming(path: Path) -> Iterator[None]:
+def _naming(path: epath.PathLike) -> Iterator[None]:
     """Re-raises an OSError of the block as one that names `path` (a failed write of an open
     file, e.g. ENOSPC, names none)."""
     try:
@@ -196,7 +218,7 @@ def _naming(path: Path) -> Iterator[None]:
         raise OSError(error.errno, error.strerror or str(error), str(path)) from error
 
 
-def _read_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+def _read_lines(path: epath.Path) -> list[tuple[str, dict[str, Any]]]:
     """(line, record) of every line of a metrics.jsonl. A torn last line (a crash mid-write) is
     dropped with a warning; any other line that is not JSON raises ValueError naming the line (its
     number in the file, blank lines counted)."""

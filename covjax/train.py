@@ -14,7 +14,8 @@ jax.distributed, found from the Cloud TPU metadata or SLURM, or given explicitly
 
     python -m covjax.train ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 
-(same workdir on a file system every process sees; process 0 writes the metrics and logs).
+(same workdir, on a file system every process sees or an object store's URL such as gs://B/RUN;
+process 0 writes the metrics and logs).
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir", None,
-    "Output folder (default runs/<config name>_<timestamp>); a run of the same config in it is "
-    "resumed, one of another config refused.",
+    "Output folder or object store URL, e.g. gs://BUCKET/RUN (default runs/<config "
+    "name>_<timestamp>); a run of the same config in it is resumed, one of another config refused.",
 )
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,

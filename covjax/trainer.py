@@ -17,8 +17,12 @@ Several processes (jax.distributed, one mesh over all their devices) run this sa
 process draws the same prompts; the sampler is one program over the global mesh and its results
 are all-gathered to every host; each process scores its own slice of the responses
 (covjax.rollouts.score_split); training batches are global arrays each process fills from the
-same host data; process 0 alone writes config.json, metrics, cov dumps, hf_final and the log,
-and every process takes part in the orbax checkpoint.
+same host data; process 0 alone writes config.json, metrics, cov dumps, the Hugging Face exports
+(hf_step_<steps done> every train.export_interval steps, hf_final at the end) and the log, and
+every process takes part in the orbax checkpoint and in the exports' gathers.
+
+The workdir is a local folder or an object store's URL (gs://...: covjax.storage); a storage layer
+that refuses it stops the run at set-up, before anything is compiled.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ import math
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -37,9 +40,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
+from etils import epath
 from flax import nnx
 
-from covjax import checkpointing, entropy_check, memory, multihost, sharding, train_step
+from covjax import checkpointing, entropy_check, memory, multihost, sharding, storage, train_step
 from covjax import config as config_lib
 from covjax import metrics as names
 from covjax.metrics import (
@@ -50,6 +54,7 @@ from covjax.metrics import (
     token_covariance_np,
 )
 from covjax.model import Transformer, check_pretrained, from_pretrained, save_pretrained
+from covjax.model.hf import save_tokenizer
 from covjax.rollouts import StepData, collect_rollouts, rollout_slots, sampling_params
 from covjax.sampler import Sampler
 from covjax.tasks import Task, load_task
@@ -65,13 +70,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
     """Runs (or resumes) the RL job of `config` in `workdir`; returns the metric records of the
     steps it ran and of the final evaluation. Raises StoppedBySignal after checkpointing when
     SIGTERM/SIGINT stopped it before the end, and config.ConfigError on bad input (a bad value,
-    a workdir holding a checkpointed run of another config), before anything is compiled."""
+    a workdir holding a checkpointed run of another config, a workdir the storage layer
+    refuses), before anything is compiled."""
     config_lib.validate(config)
-    if "://" in str(workdir):
-        raise config_lib.ConfigError(
-            f"workdir={workdir!r}: remote (URL) workdirs are not supported; use a path on a "
-            "file system every process sees"
-        )
+    try:
+        workdir = storage.as_path(workdir)
+    except ValueError as error:  # a URL of no file system etils.epath knows
+        raise config_lib.ConfigError(f"workdir {error}") from error
     m = config.mesh
     try:
         mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor)
@@ -93,14 +98,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any
     except (OSError, ValueError) as error:  # their messages name the file and the field or row
         raise config_lib.ConfigError(str(error)) from error
     _check_context(config, model_config.max_position_embeddings)
-    workdir = Path(workdir).expanduser().resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    with checkpointing.storage_errors(workdir):
+        workdir.mkdir(parents=True, exist_ok=True)
     with checkpointing.workdir_lock(workdir):
-        manager = checkpointing.make_manager(workdir)
-        latest = manager.latest_step()  # None: a fresh run
-        checkpointing.check_workdir(workdir, config, latest)
-        if jax.process_index() == 0:
-            checkpointing.write_config(workdir, config)
+        with checkpointing.storage_errors(workdir):
+            manager = checkpointing.make_manager(workdir)
+            latest = manager.latest_step()  # None: a fresh run
+            checkpointing.check_workdir(workdir, config, latest)
+            if jax.process_index() == 0:
+                checkpointing.write_config(workdir, config)
 
         model = build_model(config, mesh)
         if config.data.task == "toy":
@@ -314,7 +320,7 @@ def _due(step: int, interval: int) -> bool:
     return bool(interval) and step % interval == 0
 
 
-def _train(config, workdir: Path, mesh, model, task: Task, manager, latest: int | None
+def _train(config, workdir: epath.Path, mesh, model, task: Task, manager, latest: int | None
            ) -> list[dict[str, Any]]:
     limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     mesh_shape = memory.MeshShape(**{a: mesh.shape[a] for a in ("data", "fsdp", "tensor")})
@@ -408,6 +414,11 @@ def _train(config, workdir: Path, mesh, model, task: Task, manager, latest: int 
                     save(done)
                 except OSError as error:
                     raise _stop_run(manager, f"step {step}: {error}") from error
+            if done < config.train.steps and _due(done, config.train.export_interval):
+                try:  # the last step's weights are hf_final
+                    _export(model, workdir / f"hf_step_{done}", config, task)
+                except OSError as error:
+                    raise _stop_run(manager, f"step {step}: {error}") from error
             if stopping:
                 break
 
@@ -427,11 +438,10 @@ def _train(config, workdir: Path, mesh, model, task: Task, manager, latest: int 
         raise RunFailed(f"the weights after step {config.train.steps - 1} are not finite: "
                         "hf_final is not written (lower config.optim.lr)")
     if finished:
-        save_pretrained(model, str(workdir / "hf_final"), tokenizer=task.tokenizer,  # process 0
-                        source_dir=os.path.expanduser(config.model.path) or None)
+        _export(model, workdir / "hf_final", config, task)
         if config.data.task == "toy" and jax.process_index() == 0:
             # beside a qwen2 config.json, AutoTokenizer would load Qwen2's own tokenizer
-            task.tokenizer.save_pretrained(str(workdir / "tokenizer"))
+            save_tokenizer(task.tokenizer, workdir / "tokenizer")
     logging.info("compilations: sampler %d, update/log-prob shapes %d", sampler.num_compilations,
                  len(learner.compiled))
     if jax.process_index() == 0:
@@ -441,6 +451,14 @@ def _train(config, workdir: Path, mesh, model, task: Task, manager, latest: int 
     if stopping:
         raise StoppedBySignal(done, stop.signum)
     return records
+
+
+def _export(model: Transformer, path: epath.Path, config, task: Task) -> None:
+    """The model as a Hugging Face folder at `path` (weights in train.export_dtype, the tokenizer,
+    the model folder's generation config): every process gathers, process 0 writes."""
+    save_pretrained(model, path, tokenizer=task.tokenizer,
+                    source_dir=os.path.expanduser(config.model.path) or None,
+                    dtype=config.train.export_dtype)
 
 
 def _stop_run(manager, why: str) -> RunFailed:
@@ -461,7 +479,7 @@ def _all_finite(tree) -> bool:
 
 
 def _learn(step: int, step_rng: jax.Array, data: StepData, state: train_step.TrainState,
-           learner: Learner, config, workdir: Path
+           learner: Learner, config, workdir: epath.Path
            ) -> tuple[train_step.TrainState, dict[str, float]]:
     """Old log-probs, the mini-batch updates and their metrics: (new state, metrics)."""
     t0 = time.perf_counter()
@@ -509,7 +527,7 @@ def _learn(step: int, step_rng: jax.Array, data: StepData, state: train_step.Tra
 
 
 def _covariance_metrics(step: int, logp: np.ndarray, advantages: np.ndarray, mask: np.ndarray,
-                        mini_rows: int, config, workdir: Path) -> dict[str, float]:
+                        mini_rows: int, config, workdir: epath.Path) -> dict[str, float]:
     """cov/mean and cov/p99 of Eq. 10 within each mini-batch; the values are dumped to
     WORKDIR/cov every train.cov_dump_interval steps (process 0)."""
     covs = [
@@ -521,7 +539,8 @@ def _covariance_metrics(step: int, logp: np.ndarray, advantages: np.ndarray, mas
     if _due(step, config.train.cov_dump_interval) and jax.process_index() == 0:
         cov_dir = workdir / names.COV_DIR
         cov_dir.mkdir(exist_ok=True)
-        np.save(cov_dir / names.cov_file(step), all_cov)
+        with (cov_dir / names.cov_file(step)).open("wb") as f:
+            np.save(f, all_cov)
     return {
         names.COV_MEAN: float(all_cov.mean()) if all_cov.size else math.nan,
         names.COV_P99: float(np.percentile(all_cov, 99)) if all_cov.size else math.nan,

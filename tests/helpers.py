@@ -155,3 +155,27 @@ def minibatch_selection(params, batch, rng, *, graphdef, rest, cfg):
 
     logp, _ = train_step.response_logprobs(graphdef, params, rest, batch, cfg)
     return logp, train_step.select_given_logp(logp, batch, rng, cfg)
+
+
+def fake_object_store(monkeypatch) -> str:
+    """gs:// in memory for the test: etils.epath's gs:// backend (fsspec) on an fsspec memory
+    file system that, like gcsfs, opens mode "a" as "w" (an object store cannot append). Returns
+    the root URL, "gs://bucket". Only etils.epath is faked: orbax's array data goes through
+    tensorstore, which would go to the network."""
+    from etils.epath import backend
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class FakeGCS(MemoryFileSystem):
+        protocol = ("gs",)
+        store, pseudo_dirs = {}, [""]  # its own, not MemoryFileSystem's process-wide store
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return super()._strip_protocol(str(path).removeprefix("gs://"))
+
+        def _open(self, path, mode="rb", **kwargs):
+            return super()._open(path, mode.replace("a", "w"), **kwargs)
+
+    fs = FakeGCS()
+    monkeypatch.setattr(type(backend.fsspec_backend), "fs", lambda self, path: fs)
+    return "gs://bucket"

@@ -1,5 +1,6 @@
 """covjax.checkpointing: which config changes a resume allows, and how they are named; the
-fallback past a corrupt checkpoint, a failed save on a full disk, and the workdir lock."""
+fallback past a corrupt checkpoint, a failed save on a full disk, the workdir lock, and a
+workdir on an object store."""
 
 import contextlib
 import json
@@ -15,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
+from helpers import fake_object_store
 from helpers import load_config as load
 
 from covjax import checkpointing
@@ -208,3 +211,24 @@ def test_of_contenders_for_a_stale_lock_exactly_one_wins(tmp_path):
     for t in threads:
         t.join()
     assert (len(won), len(refused)) == (1, contenders - 1)
+
+
+def test_on_an_object_store_the_workdir_is_not_locked_and_its_config_is_checked(
+    monkeypatch, caplog
+):
+    workdir = epath.Path(fake_object_store(monkeypatch)) / "run"
+    workdir.mkdir(parents=True)
+    with caplog.at_level("INFO"), checkpointing.workdir_lock(workdir):
+        assert not (workdir / checkpointing.LOCK_FILE).exists()
+    assert f"{workdir}: not locked (an object store has no locks)" in caplog.text
+    config = load("default")
+    checkpointing.write_config(workdir, config)
+    assert [p.name for p in workdir.iterdir()] == ["config.json"]
+    checkpointing.check_workdir(workdir, config, latest=2)  # the same config resumes
+    config.seed = 3
+    with pytest.raises(config_lib.ConfigError) as error:
+        checkpointing.check_workdir(workdir, config, latest=2)
+    assert str(error.value).startswith(
+        "gs://bucket/run/config.json holds a checkpointed run of another config (config.seed: "
+        "0 -> 3)"
+    )

@@ -10,6 +10,8 @@ import threading
 
 import numpy as np
 import pytest
+from etils import epath
+from helpers import fake_object_store
 
 from covjax import metrics
 
@@ -189,3 +191,29 @@ def test_resume_drops_a_torn_last_line_with_a_warning(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         metrics.MetricsWriter(tmp_path, resume_step=3).close()
     assert f"{path}: its last line 5 is torn" in caplog.text
+
+
+def test_on_an_object_store_the_files_are_rewritten_whole_not_appended(monkeypatch, caplog):
+    workdir = epath.Path(fake_object_store(monkeypatch)) / "run"  # opens "a" as "w", as gcsfs
+    workdir.mkdir(parents=True)
+    writer = metrics.MetricsWriter(workdir, resume_step=0)
+    for step in range(4):
+        writer.write(step, {"reward/mean": step / 4})
+    writer.close()
+    path = workdir / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"step": step, "reward/mean": step / 4} for step in range(4)
+    ]
+    path.write_text("\n".join(lines) + '\n{"step": 4, "rew')  # a crash mid-write
+    with caplog.at_level("WARNING"):
+        resumed = metrics.MetricsWriter(workdir, resume_step=2)  # checkpoint after 2 steps
+    assert f"{path}: its last line 5 is torn" in caplog.text
+    assert path.read_text().splitlines() == lines[:2]
+    resumed.write(2, {"reward/mean": 0.0})
+    resumed.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+    assert _events(workdir / "tensorboard") == [
+        ("reward/mean", 0, 0.0), ("reward/mean", 1, 0.25), ("reward/mean", 2, 0.5),
+        ("reward/mean", 3, 0.75), ("reward/mean", 2, 0.0),
+    ]

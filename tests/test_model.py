@@ -13,10 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors
 import torch
 import transformers
+from etils import epath
 from flax import nnx
-from helpers import tiny_hf_model
+from helpers import fake_object_store, tiny_hf_model
 
 from covjax.model import (
     ModelConfig,
@@ -200,10 +202,29 @@ def test_tokenizer_is_saved_and_loaded(hf_dirs, tmp_path):
     )
 
 
+def _assert_sharded_like_transformers(folder, max_bytes):
+    """Several files of at most `max_bytes` of tensors (or one tensor), listed by the index."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    files = sorted(name for name in os.listdir(folder) if name.endswith(".safetensors"))
+    assert len(files) > 2 and sorted(set(index["weight_map"].values())) == files == [
+        f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)
+    ]
+    total = 0
+    for name in files:
+        with safetensors.safe_open(folder / name, framework="pt") as f:
+            sizes = [f.get_slice(k).get_shape() for k in f.keys()]
+            dtype = f.get_tensor(next(iter(f.keys()))).dtype
+        nbytes = [int(np.prod(shape)) * dtype.itemsize for shape in sizes]
+        assert sum(nbytes) <= max_bytes or len(nbytes) == 1, (name, nbytes)
+        total += sum(nbytes)
+    assert index["metadata"]["total_size"] == total
+
+
 @pytest.mark.parametrize("name", ["qwen2_untied", "llama3_gqa4", "qwen3_tied", "qwen3_untied"])
 def test_save_pretrained_round_trip(hf_dirs, name, tmp_path):
     model = from_pretrained(hf_dirs[name])
-    save_pretrained(model, tmp_path)
+    save_pretrained(model, tmp_path, max_shard_size="40KB")
+    _assert_sharded_like_transformers(tmp_path, 40_000)
     ids, mask, positions = _batch(seed=1)
     ref = _covjax_logits(model, ids, mask, positions)
     assert _rel_err(_torch_logits(str(tmp_path), ids, mask, positions), ref, mask) < 1e-5
@@ -212,6 +233,31 @@ def test_save_pretrained_round_trip(hf_dirs, name, tmp_path):
     assert reloaded.keys() == original.keys()
     for key, value in original.items():
         np.testing.assert_array_equal(reloaded[key], value, err_msg=key)
+
+
+def test_save_pretrained_writes_bf16_shards_to_an_object_store(hf_dirs, tmp_path, monkeypatch):
+    store = epath.Path(fake_object_store(monkeypatch)) / "export"
+    model = from_pretrained(hf_dirs["qwen2_untied"], scan_layers=True)  # one layer per tensor
+    save_pretrained(model, store, tokenizer=_byte_tokenizer(), dtype=jnp.bfloat16,
+                    max_shard_size="20KB")
+    local = tmp_path / "export"  # transformers reads local folders: the objects, downloaded
+    local.mkdir()
+    for obj in store.iterdir():
+        (local / obj.name).write_bytes(obj.read_bytes())
+    _assert_sharded_like_transformers(local, 20_000)
+    assert load_tokenizer(local)("x = 1")["input_ids"] == _byte_tokenizer()("x = 1")["input_ids"]
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(local)
+    assert torch_model.dtype == torch.bfloat16
+    reference = hf_state_dict(model)  # float32
+    assert torch_model.state_dict().keys() == reference.keys()
+    for key, value in reference.items():  # each weight rounded to its nearest bfloat16
+        np.testing.assert_array_equal(
+            torch_model.state_dict()[key].float().numpy(),
+            torch.tensor(value).bfloat16().float().numpy(), err_msg=key,
+        )
+    ids, mask, positions = _batch(seed=3)
+    ref = _covjax_logits(model, ids, mask, positions)
+    assert _rel_err(_torch_logits(str(local), ids, mask, positions), ref, mask) < 2e-2
 
 
 def test_save_pretrained_keeps_special_ids_and_generation_config(tmp_path):

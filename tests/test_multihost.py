@@ -164,6 +164,9 @@ TRAIN = [
     sys.executable, "-m", "covjax.train", "--config=configs/default.py:smoke",
     "--config.train.steps=2", "--config.mesh.fsdp=-1", "--config.train.eval_interval=0",
     f"--config.data.toy.warm_start_steps={WARM_START_STEPS}",
+    # exports gathered by both processes; float32, as the weights are compared finer than bf16's
+    # rounding
+    "--config.train.export_interval=1", "--config.train.export_dtype=float32",
 ]
 
 
@@ -279,6 +282,7 @@ def test_two_processes_write_once(runs):
     assert sorted(os.listdir(multi / "checkpoints")) == ["2"]  # orbax, both processes saving
     assert len(list((multi / "tensorboard").iterdir())) == 1
     assert (multi / "config.json").exists() and (multi / "tokenizer" / "tokenizer.json").exists()
+    assert sorted(p.name for p in multi.glob("hf_*")) == ["hf_final", "hf_step_1"]
     assert "reward/mean" in outputs["process0"][0]  # the summary table, on process 0 only
     assert "reward/mean" not in outputs["process1"][0]
     assert "step 0:" in outputs["process0"][1] and "step 0:" not in outputs["process1"][1]

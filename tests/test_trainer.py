@@ -1,8 +1,9 @@
 """python -m covjax.train end to end on the toy's smoke setting (4 steps): the metrics file, the
-checkpoints, the final Hugging Face folder, exact resume (4 steps == 2 + resume + 2) and the
-clear error of a bad config (with nothing written); and a paper recipe's smoke setting on a tiny
-random Qwen2 folder with local math data (the real-model path: from_pretrained, covjax.data,
-math-verify rewards, covjax.eval, bf16 compute, remat, scanned layers)."""
+checkpoints, the Hugging Face exports (hf_step_2, hf_final), exact resume (4 steps == 2 + resume +
+2) and the clear error of a bad config or a workdir the storage layer refuses (with nothing
+written or compiled); and a paper recipe's smoke setting on a tiny random Qwen2 folder with local
+math data (the real-model path: from_pretrained, covjax.data, math-verify rewards, covjax.eval,
+bf16 compute, remat, scanned layers)."""
 
 import json
 import math
@@ -54,7 +55,7 @@ def records(workdir):
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight") / "run"
-    return workdir, train(workdir)
+    return workdir, train(workdir, "--config.train.export_interval=2")
 
 
 def test_end_to_end_run_writes_metrics_checkpoints_and_model(straight):
@@ -81,6 +82,15 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_model(straight):
     assert any(p.name.startswith("events") for p in (workdir / "tensorboard").iterdir())
     assert (workdir / "hf_final" / "config.json").exists()
     assert (workdir / "hf_final" / "tokenizer.json").exists()
+    # every 2 steps but the last, whose weights are hf_final's; bfloat16, train.export_dtype's
+    # default
+    assert sorted(p.name for p in workdir.glob("hf_*")) == ["hf_final", "hf_step_2"]
+    assert (workdir / "hf_step_2" / "tokenizer.json").exists()
+    assert json.loads((workdir / "hf_step_2" / "config.json").read_text())["torch_dtype"] == (
+        "bfloat16"
+    )
+    exported = load_file(str(workdir / "hf_step_2" / "model.safetensors"))
+    assert {w.dtype.name for w in exported.values()} == {"bfloat16"}
     assert "reward/mean" in result.stdout  # the summary table
     assert result.stdout.endswith(f"workdir: {workdir}\nmodel: {workdir / 'hf_final'}\n")
     assert not (workdir / "lock").exists()  # released at the end
@@ -91,6 +101,12 @@ def test_resume_is_exact_past_a_corrupt_checkpoint_and_a_torn_metrics_line(strai
     resumed = tmp_path / "resumed"
     train(resumed, "--config.train.steps=2", "--config.train.checkpoint_interval=1")
     assert sorted(os.listdir(resumed / "checkpoints")) == ["1", "2"]
+    # the weights after 2 steps: the 4-step run exported the same ones as hf_step_2
+    after_two = load_file(str(resumed / "hf_final" / "model.safetensors"))
+    exported = load_file(str(workdir / "hf_step_2" / "model.safetensors"))
+    assert after_two.keys() == exported.keys()
+    for name in after_two:
+        np.testing.assert_array_equal(after_two[name], exported[name])
     for path in (resumed / "checkpoints" / "2").rglob("*"):  # a crash cut its files short
         if path.is_file():
             path.write_bytes(b"")
@@ -145,7 +161,8 @@ def test_a_reused_workdir_refuses_another_experiment(straight, tmp_path):
     reused = tmp_path / "reused"
     shutil.copytree(workdir, reused)
     kept = {name: (reused / name).read_bytes() for name in ("config.json", "metrics.jsonl")}
-    result = train(reused)  # the finished run, again: its final evaluation is made again
+    # the finished run, by the same command: its final evaluation is made again
+    result = train(reused, "--config.train.export_interval=2")
     assert "all 4 steps are done: the final evaluation and hf_final are made again" in (
         result.stderr
     )
@@ -266,6 +283,26 @@ def test_limits_known_before_compiling_are_checked_before_anything_is_written(tm
         "model's max_position_embeddings=64"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_a_workdir_the_storage_layer_refuses_stops_before_compiling(monkeypatch):
+    from etils.epath import backend
+
+    def refuse(self, path):  # as gcsfs without credentials
+        raise PermissionError(f"Anonymous caller does not have storage.objects.list access to "
+                              f"{path}.\nPermission denied.")
+
+    monkeypatch.setattr(type(backend.fsspec_backend), "fs", refuse)
+    monkeypatch.setattr(trainer, "build_model", lambda *args: pytest.fail("built and compiled"))
+    config = load_config("default", "smoke")
+    for workdir, message in [
+        ("gs://bucket/run", "workdir gs://bucket/run: PermissionError: Anonymous caller does not "
+         "have storage.objects.list access to gs://bucket/run."),
+        ("foo://bucket/run", "workdir foo://bucket/run: etils.epath opens no foo:// paths"),
+    ]:
+        with pytest.raises(config_lib.ConfigError) as error:
+            trainer.train(config, workdir)
+        assert str(error.value) == message
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):

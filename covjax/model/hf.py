@@ -5,24 +5,34 @@ memory-mapped, each covjax parameter is built with `jax.make_array_from_callback
 callback copies only the slice that one device owns (converted to the covjax layout as a
 zero-copy view first). safetensors' own numpy loader is not used for reading because numpy
 cannot name bfloat16 (the dtype of most released checkpoints) and it copies whole tensors.
+
+Saving never holds the model on the host either: `save_pretrained` gathers one tensor at a time
+and streams it into its safetensors file, whose header the tensors' shapes fix in advance
+(safetensors' own `save_file` wants every tensor of a file at once), to a local folder or an
+object store (etils.epath).
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import os
-import shutil
+import pathlib
 import struct
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
+from huggingface_hub import split_state_dict_into_shards_factory
 from jax.sharding import Mesh, SingleDeviceSharding
 from jax.typing import DTypeLike
-from safetensors.numpy import save_file
 
 from covjax.model.config import ModelConfig
 from covjax.model.transformer import Transformer
@@ -43,6 +53,12 @@ _ST_DTYPES = {
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
+_ST_NAMES = {np.dtype(t): name for name, t in _ST_DTYPES.items()}
+# Weight file names as transformers writes them: model.safetensors, or shards
+# model-00001-of-00003.safetensors listed by the index.
+_SHARD_PATTERN = "model{suffix}.safetensors"
+_INDEX_FILE = "model.safetensors.index.json"
+MAX_SHARD_SIZE = "5GB"  # transformers' default
 # The files one of which every transformers tokenizer loads its vocabulary from.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 # Buffers some checkpoints carry that the model recomputes.
@@ -315,53 +331,154 @@ def _gather_to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def hf_state_dict(model: Transformer) -> dict[str, np.ndarray]:
-    """The model's parameters as host numpy arrays under their Hugging Face names and layouts.
+# Where one HF tensor lives in the model: the covjax variable, its layer when the variable stacks
+# the layers (scan_layers) else None, and the layout.
+_Source = tuple[nnx.Variable, int | None, Layout]
+
+
+def _hf_sources(model: Transformer) -> dict[str, _Source]:
+    """HF tensor name -> where it lives in the model, for every tensor of the checkpoint."""
+    config = model.config
+    specs = {ours: (theirs, t) for ours, theirs, t in _tensor_specs(config)}
+    sources: dict[str, _Source] = {}
+    for var_path, var in _model_variables(model):
+        layer, name = _layer_and_name(var_path, config.scan_layers)
+        template, layout = specs[name]
+        if config.scan_layers and name.startswith("layers."):
+            for i in range(config.num_hidden_layers):
+                sources[template.format(i=i)] = (var, i, layout)
+        else:
+            sources[template.format(i=layer)] = (var, None, layout)
+    return sources
+
+
+def _hf_struct(source: _Source, dtype: DTypeLike | None) -> jax.ShapeDtypeStruct:
+    """The shape and dtype (`dtype`, else the parameter's) of one HF tensor, nothing gathered."""
+    var, layer, layout = source
+    value = var.get_value()
+    shape = value.shape[1:] if layer is not None else value.shape
+    return jax.ShapeDtypeStruct(_hf_shape(shape, layout), jnp.dtype(dtype or value.dtype))
+
+
+def _hf_tensor(source: _Source, dtype: DTypeLike | None) -> np.ndarray:
+    """One HF tensor on the host: its layer sliced out and cast to `dtype` on the devices, then
+    gathered (collective in a multi-process run) and laid out as HF stores it."""
+    var, layer, layout = source
+    value = var.get_value()
+    if layer is not None:
+        value = value[layer]
+    if dtype is not None:
+        value = value.astype(dtype)
+    return _to_hf(_gather_to_host(value), layout)
+
+
+def hf_state_dict(model: Transformer, dtype: DTypeLike | None = None) -> dict[str, np.ndarray]:
+    """The model's parameters as host numpy arrays under their Hugging Face names and layouts, in
+    `dtype` (default: the parameters' own).
 
     Works on any nnx tree shaped like the model (e.g. gradients merged into its graphdef).
     In a multi-process run every process must call it (the gather is collective).
     """
-    config = model.config
-    specs = {ours: (theirs, t) for ours, theirs, t in _tensor_specs(config)}
-    tensors: dict[str, np.ndarray] = {}
-    for var_path, var in _model_variables(model):
-        layer, name = _layer_and_name(var_path, config.scan_layers)
-        template, layout = specs[name]
-        value = _gather_to_host(var.get_value())
-        if config.scan_layers and name.startswith("layers."):
-            for i in range(config.num_hidden_layers):
-                tensors[template.format(i=i)] = _to_hf(value[i], layout)
-        else:
-            tensors[template.format(i=layer)] = _to_hf(value, layout)
-    return tensors
+    return {name: _hf_tensor(source, dtype) for name, source in _hf_sources(model).items()}
+
+
+def _write_safetensors(
+    path: epath.Path, structs: dict[str, jax.ShapeDtypeStruct], arrays: Iterable[np.ndarray]
+) -> None:
+    """A safetensors file of the tensors `structs` names, their data taken from `arrays` (in the
+    same order) one at a time: the header is written from the shapes first, then each array is
+    streamed to the file and dropped, so no two tensors are in memory together."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, s in structs.items():
+        size = math.prod(s.shape) * s.dtype.itemsize
+        header[name] = {"dtype": _ST_NAMES[s.dtype], "shape": list(s.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # as safetensors pads it: the data starts 8-byte aligned
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for (name, s), array in zip(structs.items(), arrays, strict=True):
+            chex.assert_shape(array, s.shape, custom_message=name)
+            chex.assert_type(array, s.dtype, custom_message=name)
+            f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, path: epath.PathLike) -> None:
+    """The tokenizer's files in the folder `path`, local or on an object store: transformers
+    writes them to a local temporary folder, and each is copied through etils.epath."""
+    path = epath.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as local:
+        tokenizer.save_pretrained(local)
+        for file in sorted(pathlib.Path(local).iterdir()):
+            (path / file.name).write_bytes(file.read_bytes())
 
 
 def save_pretrained(
     model: Transformer,
-    path: str | os.PathLike,
+    path: epath.PathLike,
     tokenizer: PreTrainedTokenizerBase | None = None,
     source_dir: str | os.PathLike | None = None,
+    *,
+    dtype: DTypeLike | None = None,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
 ) -> None:
-    """Writes config.json + model.safetensors (+ tokenizer files) for transformers to load, and
-    the generation_config.json of `source_dir` (the folder the model came from) when it has one,
-    so the saved model keeps its stop tokens (stop_ids reads them there).
+    """Writes config.json + the weights (+ tokenizer files) for transformers to load, to a local
+    folder or an object store (etils.epath), and the generation_config.json of `source_dir` (the
+    folder the model came from) when it has one, so the saved model keeps its stop tokens
+    (stop_ids reads them there).
 
-    In a multi-process run every process must call it (the gather is collective); process 0
+    The weights are in `dtype` (default: the parameters' own) and split as transformers splits
+    them (huggingface_hub's planner): files of at most `max_shard_size` (a tensor larger than it
+    gets a file of its own), model.safetensors when one file holds them all, else
+    model-0000i-of-0000n.safetensors and model.safetensors.index.json. Weight files an earlier
+    save left in the folder are removed first.
+
+    Host memory: one tensor at a time. Each is sliced and cast on the devices, gathered, laid out
+    as HF stores it (a transposing copy) and streamed into its file, so a process holds at most
+    about twice the largest tensor (the embedding, for most models), never the model.
+
+    In a multi-process run every process must call it (each gather is collective); process 0
     writes.
     """
-    tensors = hf_state_dict(model)
-    if jax.process_index() != 0:
+    sources = _hf_sources(model)
+    structs = {name: _hf_struct(source, dtype) for name, source in sources.items()}
+    split = split_state_dict_into_shards_factory(
+        structs,
+        get_storage_size=lambda s: math.prod(s.shape) * s.dtype.itemsize,
+        filename_pattern=_SHARD_PATTERN,
+        max_shard_size=max_shard_size,
+    )
+    writer = jax.process_index() == 0
+    path = epath.Path(path)
+    if writer:
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in [*path.glob("model*.safetensors"), *path.glob(_INDEX_FILE)]:
+            stale.unlink()
+    for filename, names in split.filename_to_tensors.items():
+        arrays = (_hf_tensor(sources[name], dtype) for name in names)
+        if writer:
+            _write_safetensors(path / filename, {name: structs[name] for name in names}, arrays)
+        else:  # gathered with process 0, and dropped
+            collections.deque(arrays, maxlen=0)
+    if not writer:
         return
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(model.config.to_hf_config(), f, indent=2, sort_keys=True)
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (path / _INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    config = model.config if dtype is None else model.config.replace(
+        param_dtype=jnp.dtype(dtype).name
+    )
+    (path / "config.json").write_text(json.dumps(config.to_hf_config(), indent=2, sort_keys=True))
     if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+        save_tokenizer(tokenizer, path)
     generation_config = os.path.join(os.fspath(source_dir or ""), "generation_config.json")
     if source_dir is not None and os.path.isfile(generation_config):
-        shutil.copyfile(generation_config, os.path.join(path, "generation_config.json"))
+        (path / "generation_config.json").write_bytes(
+            pathlib.Path(generation_config).read_bytes()
+        )
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:

@@ -1,0 +1,68 @@
+"""Where a run's files go: a local folder or an object store (gs://, s3://, any URL etils.epath
+opens), every file written through `epath.Path`.
+
+An object store lacks two things a file system has that the run's writers rely on: an object
+cannot be appended to (gcsfs opens mode "a" as "w", dropping what was there), and it cannot be
+locked. `AppendFile` therefore appends where it can and rewrites the object whole where it cannot,
+and checkpointing.workdir_lock locks local workdirs only.
+
+Neither NumPy nor JAX at import: covjax.metrics imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+from etils import epath
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """`path` as an epath.Path: a local path with "~" expanded and made absolute, a URL as given.
+    ValueError naming the path when etils.epath opens no URL of its scheme."""
+    text = os.fspath(path)
+    if "://" not in text:
+        return epath.Path(pathlib.Path(text).expanduser().resolve())
+    try:
+        return epath.Path(text)
+    except KeyError:  # epath's registry of URL prefixes
+        scheme = text.partition("://")[0]
+        raise ValueError(f"{text}: etils.epath opens no {scheme}:// paths") from None
+
+
+def is_local(path: epath.Path) -> bool:
+    """Whether `path` is on a local (POSIX) file system rather than an object store."""
+    return "://" not in os.fspath(path)
+
+
+class AppendFile:
+    """A file that grows at its end: `write` keeps bytes, `flush` adds them to the file.
+
+    On a local file system `flush` appends to the file, opening and closing it, so an error (a
+    full disk) is raised there. On an object store, which cannot append, the file's bytes are
+    kept in memory (read when it is opened) and `flush` writes the object whole: one atomic write
+    the size of the file, so the object is complete after every flush.
+    """
+
+    def __init__(self, path: epath.Path):
+        self.path = path
+        self._pending = bytearray()
+        self._whole: bytearray | None = None
+        if not is_local(path):
+            self._whole = bytearray(path.read_bytes() if path.exists() else b"")
+
+    def write(self, data: bytes) -> int:
+        self._pending += data
+        return len(data)
+
+    def flush(self) -> None:
+        if self._whole is None:
+            with self.path.open("ab") as f:
+                f.write(self._pending)
+        else:
+            self.path.write_bytes(bytes(self._whole + self._pending))
+            self._whole += self._pending
+        self._pending.clear()
+
+    def close(self) -> None:
+        self.flush()
