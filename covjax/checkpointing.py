@@ -209,6 +209,7 @@ def _lock_holder(path: Path) -> dict[str, Any]:
 # the length granularity, the remat policy, the rollout slot count and the sandbox's worker count
 # change the memory, speed and summation order, not the tokens sampled (log-probs may differ in
 # the last bit). Under loss.cov_scope="microbatch" the micro-batch size also changes the selection.
+# log.wandb only adds a place the metrics go.
 RESUME_MAY_CHANGE = (
     "train.steps",
     "train.checkpoint_interval",
@@ -228,6 +229,7 @@ RESUME_MAY_CHANGE = (
     "mesh.tensor",
     "model.remat",
     "data.toy.cache_dir",
+    "log.wandb",
 )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import math
 import os
@@ -135,6 +136,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.entropy_check_interval = 10  # one more no-grad forward on those steps
     c.train.export_interval = 0  # a Hugging Face folder WORKDIR/hf_step_<steps done>
     c.train.export_dtype = "bfloat16"  # of hf_step_* and hf_final (the master weights are fp32)
+
+    # --- Logging beyond the workdir's metrics.jsonl and TensorBoard events.
+    c.log = ml_collections.ConfigDict()
+    # a W&B project: the same metrics and this config go to a W&B run there too (pip install
+    # 'covjax[wandb]'; WANDB_MODE=offline keeps it local); "" = off
+    c.log.wandb = ""
     return c
 
 
@@ -223,6 +230,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.entropy_check_interval": _NON_NEGATIVE,
     "train.export_interval": _NON_NEGATIVE,
     "train.export_dtype": _choice(DTYPES),
+    # W&B's own rule for project names
+    "log.wandb": ((lambda v: len(v) <= 128 and not set(v) & set("/\\#?%:")),
+                  "not a W&B project name (at most 128 characters, none of / \\ # ? % :)"),
 }
 
 
@@ -273,7 +283,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
             ok, why = RANGES[key]
             if not ok(value):
                 raise ConfigError(f"config.{key}={value!r} is {why}")
+    _check_packages(config)
     _validate_relations(config)
+
+
+def _check_packages(c: ml_collections.ConfigDict) -> None:
+    """The optional packages the config asks for are installed."""
+    if c.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            f"config.log.wandb={c.log.wandb!r} needs the wandb package: pip install wandb "
+            "(or pip install 'covjax[wandb]')"
+        )
 
 
 def _validate_relations(c: ml_collections.ConfigDict) -> None:

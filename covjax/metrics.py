@@ -4,7 +4,8 @@ The trainer writes these names and covjax.analysis reads them, both from here; d
 says what each one means. A workdir holds metrics.jsonl (one JSON object per RL step: "step",
 0-based, and the metrics, a non-finite value as null), the same scalars as TensorBoard events,
 and every `train.cov_dump_interval` steps cov/step_SSSSSS.npy, the per-token covariances
-(Eq. 10) of the step's valid tokens.
+(Eq. 10) of the step's valid tokens. With `config.log.wandb=PROJECT` the same scalars also go to a
+Weights & Biases run, whose id wandb_id keeps so that a resumed run continues it.
 
 NumPy and etils.epath only at import: covjax.analysis reads the names without JAX.
 """
@@ -18,7 +19,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from covjax import storage
 # ----------------------------------------------------------------------------- files
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_id"  # the W&B run id of the workdir's run
 COV_DIR = "cov"
 COV_FILE = "step_%06d.npy"  # COV_FILE % step: one step's covariance dump in COV_DIR
 COV_FILE_RE = re.compile(r"^step_(\d+)\.npy$")  # matches COV_FILE's names; group 1 the step
@@ -140,13 +142,16 @@ def summarize_updates(updates: list[dict[str, float]]) -> dict[str, float]:
 
 class MetricsWriter:
     """metrics.jsonl (one JSON object per step) + TensorBoard events in the workdir, a local folder
-    or an object store (covjax.storage: there each write rewrites the file whole).
+    or an object store (covjax.storage: there each write rewrites the file whole), and with a
+    `wandb_project` the same scalars in a W&B run whose config is `run_config`.
 
-    Both are written synchronously by the calling thread, so a failed write (a full disk)
-    raises at once instead of stalling a writer queue; the OSError names the file.
+    Both files are written synchronously by the calling thread, so a failed write (a full disk)
+    raises at once instead of stalling a writer queue; the OSError names the file. A W&B run that
+    cannot start raises ValueError naming config.log.wandb.
     """
 
-    def __init__(self, workdir: epath.PathLike, resume_step: int):
+    def __init__(self, workdir: epath.PathLike, resume_step: int, *, wandb_project: str = "",
+                 run_config: Mapping[str, Any] | None = None):
         # imported here, not at the top: covjax.analysis imports this module and runs without JAX
         import jax
         from tensorboardX import record_writer
@@ -156,6 +161,7 @@ class MetricsWriter:
         self.path = workdir / METRICS_FILE
         self.enabled = jax.process_index() == 0  # one writer in a multi-host run
         self.tb = None
+        self.wandb = None
         if not self.enabled:
             return
         if self.path.exists():  # drop steps logged after the checkpoint
@@ -171,6 +177,8 @@ class MetricsWriter:
             record_writer.register_writer_factory(scheme, _EventsThroughEpath())
         with _naming(tb_dir):
             self.tb = EventsWriter(os.fspath(tb_dir / "events"))
+        if wandb_project:
+            self.wandb = _start_wandb(workdir, wandb_project, dict(run_config or {}), resume_step)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         """Appends the step's record; an OSError (naming the file) if it cannot be written."""
@@ -190,10 +198,37 @@ class MetricsWriter:
                         Event(wall_time=time.time(), step=step, summary=scalar(k, v))
                     )
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: float(v) for k, v in metrics.items()}, step=step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(workdir: epath.Path, project: str, run_config: dict[str, Any], resume_step: int):
+    """wandb.init of the workdir's W&B run: a new run from step 0 (its id written to
+    WANDB_ID_FILE), else the run of that id, resumed. Where the run stores its files: the
+    workdir when it is local, else WANDB_DIR or the working directory; WANDB_MODE=offline logs
+    without a network. ValueError naming config.log.wandb when W&B refuses to start."""
+    import wandb
+
+    id_file = workdir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if resume_step > 0 and id_file.exists() else None
+    try:
+        run = wandb.init(
+            project=project, id=run_id, resume="allow" if run_id else "never", config=run_config,
+            dir=os.fspath(workdir) if storage.is_local(workdir) else None,
+            allow_val_change=True,  # a resume may change the keys RESUME_MAY_CHANGE lists
+        )
+    except wandb.Error as error:
+        raise ValueError(f"config.log.wandb={project!r}: W&B did not start: {error}") from error
+    if run_id is None:
+        with _naming(id_file):
+            id_file.write_text(run.id + "\n")
+    return run
 
 
 class _EventsThroughEpath:

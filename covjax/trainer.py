@@ -364,7 +364,8 @@ def _train(config, workdir: epath.Path, mesh, model, task: Task, manager, latest
     eval_params = sampling_params(config.rollout, task.stop_token_ids)
     base_rng = jax.random.key(config.seed)
     try:  # cuts metrics.jsonl back to the checkpoint
-        writer = MetricsWriter(workdir, start_step)
+        writer = MetricsWriter(workdir, start_step, wandb_project=config.log.wandb,
+                               run_config=config_lib.flatten(config.to_dict()))
     except (OSError, ValueError) as error:  # a full disk, a line that is not JSON: named
         raise RunFailed(str(error)) from error
     records: list[dict[str, Any]] = []

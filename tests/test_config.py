@@ -4,6 +4,7 @@ ALGORITHMS.md section 7, and bad keys, types and values are named in the error."
 import json
 import math
 import pathlib
+import sys
 
 import ml_collections
 import pytest
@@ -165,6 +166,8 @@ def _modified(path: str, value):
         ("loss.entropy_coef", math.inf, "config.loss.entropy_coef=inf is not a finite number"),
         ("loss.clip_cov_lb", math.nan, "config.loss.clip_cov_lb=nan is not a finite number"),
         ("optim.lr", -math.inf, "config.optim.lr=-inf is not a finite number"),
+        ("log.wandb", "me/proj", "config.log.wandb='me/proj' is not a W&B project name"),
+        ("log.wandb", "p" * 129, "is not a W&B project name (at most 128 characters"),
     ],
 )
 def test_bad_values_name_the_key(path, value, message):
@@ -225,3 +228,15 @@ def test_unknown_overrides_are_named_with_the_closest_key():
             "--config.loss.methd=kl_cov", "--config.foo=1", "--", "--config.bar=2"]
     assert config_lib.unknown_override_keys(argv) == [
         "config.loss.methd (did you mean config.loss.method?)", "config.foo"]
+
+
+def test_wandb_logging_without_the_package_says_how_to_install_it(monkeypatch):
+    config_lib.validate(_modified("log.wandb", "covjax-runs"))  # installed here
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails
+    with pytest.raises(config_lib.ConfigError) as error:
+        config_lib.validate(_modified("log.wandb", "covjax-runs"))
+    assert str(error.value) == (
+        "config.log.wandb='covjax-runs' needs the wandb package: pip install wandb "
+        "(or pip install 'covjax[wandb]')"
+    )
+    config_lib.validate(_modified("log.wandb", ""))  # off: no package needed

@@ -10,6 +10,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,23 +48,28 @@ SETTINGS = {
     "BUCKET": "gs://bkt",
 }
 WHERE = ["--project=proj-1", "--zone=us-east5-a", "--quiet"]
-GCSFUSE_INSTALL = (
-    "--command=command -v gcsfuse >/dev/null || { echo 'deb"
-    " [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt"
-    " gcsfuse-'$(lsb_release -c -s)' main' | sudo tee /etc/apt/sources.list.d/gcsfuse.list"
-    " >/dev/null && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg"
-    " | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null"
-    " && sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse; }"
+# run.sh's, status.sh's and stop.sh's commands for RUN_NAME=default, as the workers read them.
+PID, EXIT, LOG = (f"$HOME/covjax-logs/default.{ext}" for ext in ("pid", "exit", "log"))
+RUNNING = f'[ -e {PID} ] && [ ! -e {EXIT} ] && kill -0 "$(cat {PID})" 2>/dev/null'
+START = (
+    f"--command=mkdir -p $HOME/covjax-logs && if {RUNNING}; then"
+    f' echo "$(hostname):" default "is running already (pid $(cat {PID})); launch/tpu/stop.sh'
+    f' stops it" >&2; exit 1; fi && rm -f {PID} {EXIT} && {{ nohup setsid bash -c'
+    r" echo\ \$\$\ \>\$HOME/covjax-logs/default.pid\ \&\&\ \{\ cd\ \$HOME/covjax\ \&\&"
+    r"\ python3\ -m\ covjax.train\ --config=configs/default.py\ --workdir=gs://bkt/default"
+    r"\ --config.train.steps=3\;\ \}\ \>\$HOME/covjax-logs/default.log\ 2\>\&1\ \</dev/null\;"
+    r"\ echo\ \$\?\ \>\$HOME/covjax-logs/default.exit.partial\ \&\&\ mv"
+    r"\ \$HOME/covjax-logs/default.exit.partial\ \$HOME/covjax-logs/default.exit"
+    f" >/dev/null 2>&1 </dev/null & }} && for _ in $(seq 100); do [ -e {PID} ] && break;"
+    f" sleep 0.1; done && [ -e {PID} ]"
+    f' && echo "$(hostname): started" default "(pid $(cat {PID}))"'
 )
-
-
-def _mount(mount_point: str) -> str:
-    """run.sh's idempotent gcsfuse mount of gs://bkt at mount_point (as the workers read it)."""
-    return (
-        f"--command=mountpoint -q {mount_point} || {{ {{ mkdir -p {mount_point} 2>/dev/null"
-        f" || {{ sudo mkdir -p {mount_point} && sudo chown $(id -u):$(id -g) {mount_point}; }}; }}"
-        f" && gcsfuse --implicit-dirs --rename-dir-limit=200000 bkt {mount_point}; }}"
-    )
+STATUS = (
+    f'--command=if {RUNNING}; then echo "$(hostname):" default "is running (pid $(cat {PID}))";'
+    f' elif [ -e {EXIT} ]; then s=$(cat {EXIT}); echo "$(hostname):" default'
+    f' "exited with status $s"; [ "$s" = 0 ]; else echo "$(hostname):" default'
+    ' "is not running and left no exit status"; false; fi'
+)
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -98,18 +104,13 @@ def _run(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.Completed
 
 
 def _expected_tpu_job(archive: str) -> list[list[str]]:
-    """Every gcloud command of launch.sh for SETTINGS, CONFIG and one extra training flag."""
+    """Every gcloud command of launch.sh for SETTINGS, CONFIG and one extra training flag: the
+    job starts detached, status.sh waits for its end (the stand-in reports no job running)."""
     ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "tpu-a", "--worker=all"]
     install = (
         "--command=rm -rf $HOME/covjax && tar -xzf $HOME/covjax.tar.gz -C $HOME"
         " && python3 -m pip install --quiet --upgrade pip"
         ' && python3 -m pip install --quiet "$HOME/covjax[tpu]"'
-    )
-    train = (
-        "--command=set -o pipefail && mkdir -p $HOME/covjax-logs && cd $HOME/covjax"
-        " && python3 -m covjax.train --config=configs/default.py"
-        " --workdir=$HOME/covjax-bucket/default"
-        " --config.train.steps=3 2>&1 | tee $HOME/covjax-logs/default.log"
     )
     return [
         ["gcloud", "compute", "tpus", "tpu-vm", "create", "tpu-a", "--accelerator-type=v5p-64",
@@ -117,10 +118,9 @@ def _expected_tpu_job(archive: str) -> list[list[str]]:
         ["gcloud", "compute", "tpus", "tpu-vm", "scp", archive, "tpu-a:covjax.tar.gz",
          "--worker=all", *WHERE],
         [*ssh, install, *WHERE],
-        [*ssh, GCSFUSE_INSTALL, *WHERE],
-        [*ssh, _mount("$HOME/covjax-bucket"), *WHERE],
-        [*ssh, train, "--ssh-flag=-oServerAliveInterval=60", *WHERE],
-        [*ssh, "--command=cat $HOME/covjax-logs/default.log",
+        [*ssh, START, *WHERE],
+        [*ssh, STATUS, *WHERE],
+        [*ssh, f"--command=cat {LOG}",
          "--output-directory=logs/default", *WHERE],
         ["gcloud", "storage", "rsync", "--recursive", "--exclude=^checkpoints/",
          "gs://bkt/default", "logs/default/workdir", "--project=proj-1"],
@@ -131,7 +131,7 @@ def _expected_tpu_job(archive: str) -> list[list[str]]:
 def test_scripts_pass_shellcheck():
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     scripts = sorted(str(p) for p in TPU.glob("*.sh")) + [str(SBATCH)]
-    assert len(scripts) == 8
+    assert len(scripts) == 10
     result = subprocess.run(
         [shellcheck, "--external-sources", *scripts], capture_output=True, text=True, cwd=REPO
     )
@@ -156,7 +156,7 @@ def test_tpu_dry_run_prints_the_commands_and_runs_none(tmp_path):
                    f"--output={archive}", "HEAD"]  # fmt: skip
     mkdir = ["mkdir", "-p", "logs/default/workdir"]
     expected = _expected_tpu_job(archive)
-    assert printed == expected[:1] + [git_archive] + expected[1:6] + [mkdir] + expected[6:]
+    assert printed == expected[:1] + [git_archive] + expected[1:5] + [mkdir] + expected[5:]
     assert _calls(tmp_path) == []
     assert not (tmp_path / "logs").exists() and not Path(archive).exists()
 
@@ -196,67 +196,105 @@ def test_tpu_queued_spot_git_install_and_staging(tmp_path):
          "https://example.com/covjax.git $HOME/covjax && git -C $HOME/covjax checkout --quiet v1"
          " && python3 -m pip install --quiet --upgrade pip"
          ' && python3 -m pip install --quiet "$HOME/covjax[tpu]"', *WHERE],
-        [*ssh, GCSFUSE_INSTALL, *WHERE],
         [*ssh, "--command=mkdir -p $HOME/stage && gcloud storage cp --recursive "
          "gs://bkt/models/Qwen2.5-7B gs://bkt/data/dapo.parquet $HOME/stage/", *WHERE],
         [*qr, "delete", "tpu-a", "--force", *WHERE],
     ]  # fmt: skip
 
 
-def test_tpu_failed_run_fetches_logs_and_keeps_the_vm(tmp_path):
-    env = _env(tmp_path, **SETTINGS, FAIL_ON="covjax.train")
+@pytest.mark.parametrize("fail_on", ["covjax.train", "exited with status"])
+def test_tpu_failed_run_fetches_logs_and_keeps_the_vm(tmp_path, fail_on):
+    """The start fails (no status poll), or the job ends badly on a worker (status.sh fails)."""
+    env = _env(tmp_path, **SETTINGS, FAIL_ON=fail_on)
     result = _run([str(TPU / "launch.sh"), f"--config={CONFIG}"], env, tmp_path)
     assert result.returncode == 1
     assert "tpu-a is kept" in result.stderr
     argv = [c["argv"] for c in _calls(tmp_path)]
     assert any("rsync" in a for a in argv)
     assert not any("delete" in a for a in argv)
+    assert any(STATUS in a for a in argv) == (fail_on != "covjax.train")
 
 
-def test_tpu_run_mounts_the_bucket_on_all_workers_and_trains_in_the_mount(tmp_path):
-    """The trainer writes plain files: run.sh mounts gs://BUCKET with gcsfuse on every worker
-    first, and --workdir is MOUNT_POINT/RUN_NAME; the mount command, run by bash with stand-in
-    gcsfuse/mountpoint, mounts once and is a no-op when the mount is there."""
+def _worker_commands(tmp_path: Path, env: dict[str, str], *scripts: list[str]) -> list[str]:
+    """The --command of each script's one ssh to the workers (through the stand-in gcloud)."""
+    commands = []
+    for script in scripts:
+        (tmp_path / "calls.jsonl").unlink(missing_ok=True)
+        result = _run([str(TPU / script[0]), *script[1:]], env, tmp_path)
+        assert result.returncode == 0, result.stderr
+        ((command,),) = [[a for a in c["argv"] if a.startswith("--command=")] for c in
+                         _calls(tmp_path)]  # fmt: skip
+        commands.append(command.removeprefix("--command="))
+    return commands
+
+
+def test_tpu_job_runs_detached_and_status_stop_and_logs_follow_it(tmp_path):
+    """run.sh's, status.sh's, stop.sh's and logs.sh --tail's commands, run by bash as a worker
+    would with a stand-in python3: the job outlives the shell that started it, in its own
+    session; a second start is refused while it runs; SIGTERM from stop.sh ends it with the
+    trainer's 143; a job that exits is reported with its status."""
     env = _env(tmp_path, **SETTINGS)
-    args = [f"--config={CONFIG}", "--mount-point=/mnt/covjax/", "--run-name=r1"]
-    result = _run([str(TPU / "run.sh"), *args, "--", "--config.train.steps=3"], env, tmp_path)
-    assert result.returncode == 0, result.stderr
-    mount, train = [c["argv"] for c in _calls(tmp_path)]
-    ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "tpu-a", "--worker=all"]
-    assert mount == [*ssh, _mount("/mnt/covjax"), *WHERE]
-    assert train[: len(ssh)] == ssh
-    words = shlex.split(train[len(ssh)].removeprefix("--command="))
-    assert [w for w in words if w.startswith("--workdir=")] == ["--workdir=/mnt/covjax/r1"]
-    assert words[words.index("python3") :][:5] == [
-        "python3", "-m", "covjax.train", f"--config={CONFIG}", "--workdir=/mnt/covjax/r1"
-    ]  # fmt: skip
-
-    # The worker side of the mount step: the default mount point under $HOME, created by mkdir.
+    name = ["--run-name=r 1", f"--config={CONFIG}"]
+    start, status, stop, tail = _worker_commands(
+        tmp_path, env, ["run.sh", *name, "--", "--config.train.steps=3"], ["status.sh", *name],
+        ["stop.sh", *name], ["logs.sh", *name, "--tail=2"],
+    )  # fmt: skip
+    home = tmp_path / "worker"
+    (home / "covjax").mkdir(parents=True)
     bin_dir = tmp_path / "worker-bin"
     bin_dir.mkdir()
-    for name, code in (("gcsfuse", 0), ("mountpoint", "${MOUNTED:-1}")):
-        log = f'echo "{name} $*" >>"$HOME/worker.log"'
-        (bin_dir / name).write_text(f"#!/bin/sh\n{log}\nexit {code}\n")
-        (bin_dir / name).chmod(0o755)
-    worker_env = {**env, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    script = _mount("$HOME/covjax-bucket").removeprefix("--command=")
-    for mounted in ("1", "0"):  # not mounted yet, then mounted: gcsfuse runs once
-        done = subprocess.run(["bash", "-c", script], env={**worker_env, "MOUNTED": mounted},
+    (bin_dir / "python3").write_text(
+        '#!/bin/bash\necho "python3 $* in $PWD"\nprintf "step 0\\rstep 1\\n"\n'
+        '[ -n "$JOB_EXIT" ] && exit "$JOB_EXIT"\n'
+        "sleep 60 & trap 'echo stopped; kill $!; exit 143' TERM\nwait\n"
+    )
+    (bin_dir / "python3").chmod(0o755)
+    worker = {**env, "HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+    files = home / "covjax-logs"
+
+    def on_worker(command, **extra):
+        return subprocess.run(["bash", "-c", command], env={**worker, **extra},
                               capture_output=True, text=True, timeout=60)  # fmt: skip
-        assert done.returncode == 0, done.stderr
-    mp = tmp_path / "covjax-bucket"
-    assert mp.is_dir()
-    assert (tmp_path / "worker.log").read_text().splitlines() == [
-        f"mountpoint -q {mp}", f"gcsfuse --implicit-dirs --rename-dir-limit=200000 bkt {mp}",
-        f"mountpoint -q {mp}",
-    ]  # fmt: skip
+
+    def ended():
+        deadline = time.monotonic() + 30
+        while not (files / "r 1.exit").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return (files / "r 1.exit").read_text()
+
+    started = on_worker(start)
+    pid = int((files / "r 1.pid").read_text())
+    assert started.returncode == 0 and started.stdout == f"{host}: started r 1 (pid {pid})\n"
+    assert os.getsid(pid) == pid  # its own session: the ssh session's end does not reach it
+    again = on_worker(start)
+    assert again.returncode == 1 and again.stderr.startswith(f"{host}: r 1 is running already")
+    assert on_worker(status).stdout == f"{host}: r 1 is running (pid {pid})\n"
+    assert on_worker(stop).stdout == f"{host}: sent SIGTERM to r 1\n"
+    assert ended() == "143\n"
+    done = on_worker(status)
+    assert done.returncode == 1 and done.stdout == f"{host}: r 1 exited with status 143\n"
+    assert (files / "r 1.log").read_bytes().decode() == (
+        f"python3 -m covjax.train --config={CONFIG} --workdir=gs://bkt/r 1"
+        f" --config.train.steps=3 in {home / 'covjax'}\nstep 0\rstep 1\nstopped\n"
+    )
+    assert on_worker(tail).stdout == f"{host}: step 1\n{host}: stopped\n"
+    assert on_worker(stop).stdout == f"{host}: r 1 is not running\n"
+
+    assert on_worker(start, JOB_EXIT="0").returncode == 0
+    assert ended() == "0\n"
+    assert on_worker(status).returncode == 0
+    (files / "r 1.exit").unlink()  # the job's shell was killed with the VM
+    lost = on_worker(status)
+    assert lost.returncode == 1 and lost.stdout == f"{host}: r 1 is not running and left no exit"\
+        " status\n"
 
 
 @pytest.mark.parametrize(
     "script, args, message",
     [
         ("run.sh", [f"--config={CONFIG}"], "missing --bucket=... (or environment variable BUCKET)"),
-        ("run.sh", ["--bucket=b", f"--config={CONFIG}", "--mount-point=x"], "--mount-point=x: "),
+        ("logs.sh", ["--bucket=b", f"--config={CONFIG}", "--tail=0"], "--tail=0: give a number"),
         ("create.sh", ["--accelerator-type=v9x-8"], "missing --runtime-version=..."),
         ("run.sh", ["--bucket=b", "--config=configs/nope.py"], "--config=configs/nope.py: no file"),
         ("delete.sh", ["--zones=x"], "unknown argument '--zones=x'"),

@@ -1,10 +1,12 @@
 """covjax.rewards.math: answer extraction, math-verify equivalence, the hard per-check timeout."""
 
+import os
 import select
 import time
 
 import pytest
 
+from covjax import rewards
 from covjax.rewards import math as math_reward
 
 # (response, ground truth, expected reward): each expectation is the mathematical truth.
@@ -228,3 +230,26 @@ def test_bad_arguments():
         math_reward.VerifierPool(0)
     with pytest.raises(ValueError, match="num_workers must be >= 1, got 0"):
         math_reward.score_batch(["a"], ["a"], num_workers=0)
+
+
+def test_the_default_pool_follows_the_usable_cpus(monkeypatch):
+    """The affinity mask, not the machine's count, sizes the pool; without a mask, the count."""
+    monkeypatch.delattr(os, "process_cpu_count", raising=False)  # Python 3.13+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 96)
+    assert rewards.usable_cpus() == 3
+    sizes = []
+
+    class Pool:
+        def check(self, responses, ground_truths, *, timeout_s):
+            return [True] * len(responses)
+
+    monkeypatch.setattr(math_reward, "shared_pool", lambda n: sizes.append(n) or Pool())
+    assert math_reward.score_batch(["a", "b"], ["a", "b"]) == [1.0, 1.0]
+    assert sizes == [3]
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert rewards.usable_cpus() == 96
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # undeterminable
+    assert rewards.usable_cpus() == 1
+    monkeypatch.setattr(os, "process_cpu_count", lambda: 12, raising=False)
+    assert rewards.usable_cpus() == 12

@@ -1,6 +1,7 @@
 """covjax.metrics against references written here in plain Python/NumPy: the token covariance
 (Eq. 10), the entropy metrics (verl's token mean, the paper's Eq. 5), the token-weighted update
-summary, and the writer's metrics.jsonl and TensorBoard events across a resume and a full disk."""
+summary, and the writer's metrics.jsonl, TensorBoard events and W&B run across a resume and a full
+disk."""
 
 import errno
 import json
@@ -217,3 +218,91 @@ def test_on_an_object_store_the_files_are_rewritten_whole_not_appended(monkeypat
         ("reward/mean", 0, 0.0), ("reward/mean", 1, 0.25), ("reward/mean", 2, 0.5),
         ("reward/mean", 3, 0.75), ("reward/mean", 2, 0.0),
     ]
+
+
+def _wandb_records(run_file):
+    """The records of a W&B run file (run-ID.wandb, what an offline run writes and `wandb sync`
+    uploads), read by its framing and wandb's Record proto: a 7-byte header (":W&B", magic,
+    version), then LevelDB-log chunks (crc32c, length, type; FULL, or FIRST..MIDDLE..LAST) in
+    32 KiB blocks whose tails under 7 bytes are padding. wandb has no Python reader for it."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, at, block, out, record = run_file.read_bytes(), 7, 32768, [], b""
+    assert data[:4] == b":W&B"
+    while at + 7 <= len(data):
+        if block - at % block < 7:
+            at += block - at % block
+            continue
+        length, kind = struct.unpack("<HB", data[at + 4 : at + 7])
+        record, at = record + data[at + 7 : at + 7 + length], at + 7 + length
+        if kind in (1, 4):  # FULL, LAST
+            out.append(Record.FromString(record))
+            record = b""
+    return out
+
+
+def test_the_wandb_run_holds_the_metrics_and_the_config_and_a_resume_continues_it(
+    tmp_path, monkeypatch
+):
+    """A real W&B run (offline): each run file's history holds the steps' metrics as
+    metrics.jsonl does (NaN where it holds null), its run record the config; the resumed writer
+    continues the run of the id wandb_id kept, from the checkpoint's step."""
+    import wandb
+
+    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    run_config = {"loss.method": "clip_cov", "optim.lr": 5e-4, "log.wandb": "covjax-test"}
+    first = {s: {"reward/mean": s / 4, "cov/mean": math.nan if s == 1 else -s} for s in range(4)}
+    again = {s: {"reward/mean": 1 - s / 4, "cov/mean": s / 8} for s in (2, 3)}
+    for resume_step, steps in ((0, first), (2, again)):  # a crash after step 3, checkpoint at 2
+        writer = metrics.MetricsWriter(workdir, resume_step, wandb_project="covjax-test",
+                                       run_config=run_config)  # fmt: skip
+        for step, values in steps.items():
+            writer.write(step, values)
+        writer.close()
+    wandb.teardown()  # finish() may return before W&B's service has written the run files
+
+    run_id = (workdir / "wandb_id").read_text().strip()
+    files = list((workdir / "wandb").glob(f"offline-run-*-{run_id}*/run-{run_id}.wandb"))
+    runs = []  # (start time, run record, {step: history}) of each start
+    for records in map(_wandb_records, files):
+        (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        history = {}
+        for r in records:
+            if r.WhichOneof("record_type") == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                         for i in r.history.item}
+                history[items.pop("_step")] = {k: v for k, v in items.items() if k[0] != "_"}
+        runs.append((run.start_time.ToNanoseconds(), run, history))
+    (_, run0, history0), (_, run1, history1) = sorted(runs, key=lambda r: r[0])
+    assert run0.run_id == run1.run_id == run_id and run0.project == "covjax-test"
+    for run in (run0, run1):
+        config = {i.key: json.loads(i.value_json) for i in run.config.update if i.key != "_wandb"}
+        assert config == run_config
+    jsonl = {r["step"]: r for r in map(json.loads, (workdir / "metrics.jsonl").read_text()
+                                           .splitlines())}  # fmt: skip
+    assert sorted(jsonl) == [0, 1, 2, 3]
+    logged = {**{s: history0[s] for s in (0, 1)}, **history1}  # the resume reran 2 and 3
+    assert sorted(history0) == [0, 1, 2, 3] and sorted(history1) == [2, 3]
+    for step, record in jsonl.items():
+        expected = {k: math.nan if v is None else v for k, v in record.items() if k != "step"}
+        assert logged[step].keys() == expected.keys()
+        np.testing.assert_array_equal([logged[step][k] for k in expected], list(expected.values()))
+    assert jsonl[1]["cov/mean"] is None and math.isnan(logged[1]["cov/mean"])
+    assert jsonl[3]["reward/mean"] == 0.25  # the rerun's
+
+
+def test_a_wandb_run_that_cannot_start_names_the_key(tmp_path, monkeypatch):
+    import wandb
+
+    def refuse(**kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    with pytest.raises(ValueError, match=r"^config.log.wandb='p': W&B did not start: No API key"):
+        metrics.MetricsWriter(tmp_path, 0, wandb_project="p")
+    assert not (tmp_path / "wandb_id").exists()

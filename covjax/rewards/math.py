@@ -32,6 +32,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from covjax.rewards import usable_cpus
+
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_MEMORY_LIMIT_MB = 4096
 WORKER_START_TIMEOUT_S = 120.0  # importing math-verify (sympy) takes seconds, not minutes
@@ -298,9 +300,10 @@ def score_batch(
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> list[float]:
     """Rule reward of each response (`correct` / `incorrect`), order preserved, each check
-    limited to `timeout_s` seconds. `num_workers` defaults to min(8, CPU count)."""
+    limited to `timeout_s` seconds. `num_workers` defaults to the CPUs this process may use
+    (covjax.rewards.usable_cpus)."""
     if num_workers is None:
-        num_workers = min(8, os.cpu_count() or 1)
+        num_workers = usable_cpus()
     if not num_workers >= 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     ok = shared_pool(num_workers).check(responses, ground_truths, timeout_s=timeout_s)

@@ -47,6 +47,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from covjax.rewards import usable_cpus
+
 ISOLATION_LEVELS = ("auto", "bwrap", "rlimit")
 JOB_KINDS = ("stdin", "call", "pytest")
 MAX_WORKERS = 64
@@ -279,7 +281,7 @@ class Sandbox:
     def __init__(
         self, limits: Limits = Limits(), *, workers: int | None = None, isolation: str = "auto"
     ):
-        workers = workers or min(MAX_WORKERS, os.cpu_count() or 1)
+        workers = workers or min(MAX_WORKERS, usable_cpus())
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"workers must be in [1, {MAX_WORKERS}], got {workers}")
         self.limits = limits

@@ -22,18 +22,17 @@ QUEUED=${QUEUED:-0}
 SPOT=${SPOT:-0}
 KEEP=${KEEP:-0}
 DRY_RUN=${DRY_RUN:-0}
+WAIT=${WAIT:-0}
+TAIL=${TAIL:-}
 POLL_SECONDS=${POLL_SECONDS:-30}
 TRAIN_FLAGS=()
 
-# Where covjax lives on every worker, and where run.sh tees each worker's output; $HOME is
-# expanded by the workers' shell.
+# Where covjax lives on every worker, and where each worker keeps a job's files (job_file);
+# $HOME is expanded by the workers' shell.
 # shellcheck disable=SC2016
 REMOTE_REPO='$HOME/covjax'
 # shellcheck disable=SC2016
 REMOTE_LOGS='$HOME/covjax-logs'
-# Where run.sh mounts gs://BUCKET (gcsfuse) on every worker; the workdir is MOUNT_POINT/RUN_NAME.
-# shellcheck disable=SC2016
-MOUNT_POINT=${MOUNT_POINT:-'$HOME/covjax-bucket'}
 
 die() {
   printf '%s: error: %s\n' "$(basename "$0")" "$*" >&2
@@ -52,11 +51,9 @@ Settings (flag or environment variable):
   --accelerator-type=T    ACCELERATOR_TYPE  e.g. v5p-64 (32 chips), v5litepod-16, v4-32
   --runtime-version=V     RUNTIME_VERSION   TPU software version (default from the accelerator)
   --bucket=NAME           BUCKET            gs:// bucket for the workdir (checkpoints, metrics)
-  --mount-point=DIR       MOUNT_POINT       where every worker mounts the bucket with gcsfuse
-                                            (absolute or \$HOME/...; default \$HOME/covjax-bucket)
   --config=FILE           CONFIG            config file relative to the repository root
-  --run-name=NAME         RUN_NAME          workdir MOUNT_POINT/RUN_NAME on the workers, i.e.
-                                            gs://BUCKET/RUN_NAME (default: config's name)
+  --run-name=NAME         RUN_NAME          the job's name and workdir gs://BUCKET/RUN_NAME
+                                            (default: config's name)
   --git-url=URL           GIT_URL           install from this git repository instead of HEAD here
   --git-ref=REF           GIT_REF           branch, tag or commit of --git-url (default main)
   --stage=URI[,URI...]    STAGE             gs:// objects copied to ~/stage/ on every worker
@@ -64,6 +61,9 @@ Settings (flag or environment variable):
   --queued                QUEUED=1          create through a queued resource (waits for capacity)
   --spot                  SPOT=1            spot (preemptible) capacity
   --keep                  KEEP=1            launch.sh: do not delete the TPU VM at the end
+  --wait                  WAIT=1            status.sh: ask every POLL_SECONDS (default 30)
+                                            until the job has ended on every worker
+  --tail=N                TAIL              logs.sh: print each worker's last N log lines
   --dry-run               DRY_RUN=1         print every command instead of running it
   -- TRAIN_FLAGS...                         run.sh: extra flags for python -m covjax.train
 EOF
@@ -78,7 +78,6 @@ parse_args() {
       --accelerator-type=*) ACCELERATOR_TYPE=${1#*=} ;;
       --runtime-version=*) RUNTIME_VERSION=${1#*=} ;;
       --bucket=*) BUCKET=${1#*=} ;;
-      --mount-point=*) MOUNT_POINT=${1#*=} ;;
       --config=*) CONFIG=${1#*=} ;;
       --run-name=*) RUN_NAME=${1#*=} ;;
       --git-url=*) GIT_URL=${1#*=} ;;
@@ -88,6 +87,8 @@ parse_args() {
       --queued) QUEUED=1 ;;
       --spot) SPOT=1 ;;
       --keep) KEEP=1 ;;
+      --wait) WAIT=1 ;;
+      --tail=*) TAIL=${1#*=} ;;
       --dry-run) DRY_RUN=1 ;;
       -h | --help)
         usage
@@ -104,10 +105,8 @@ parse_args() {
   done
   BUCKET=${BUCKET#gs://}
   BUCKET=${BUCKET%/}
-  MOUNT_POINT=${MOUNT_POINT%/}
-  # Inserted unquoted into the workers' commands (so that $HOME expands there): a plain path only.
-  if [[ ! $MOUNT_POINT =~ ^(/|\$HOME/)[A-Za-z0-9_./+-]+$ ]]; then
-    die "--mount-point=$MOUNT_POINT: give an absolute path or \$HOME/... (letters, digits, _./+-)"
+  if [[ -n $TAIL && ! $TAIL =~ ^[1-9][0-9]*$ ]]; then
+    die "--tail=$TAIL: give a number of lines (1 or more)"
   fi
   if [[ -z $RUN_NAME && -n $CONFIG ]]; then
     RUN_NAME=$(basename "${CONFIG%%:*}" .py)
@@ -174,16 +173,18 @@ tpu_ssh() {
   gcloud_tpus tpu-vm ssh "$TPU_NAME" --worker=all --command="$command" "$@"
 }
 
-# mount_bucket : on every worker, mount gs://BUCKET at MOUNT_POINT with gcsfuse unless something
-# is mounted there already (idempotent: a rerun, or a worker that kept its mount, is left as is).
-# --implicit-dirs shows prefixes written by other tools (gcloud storage, other workers) as
-# directories; --rename-dir-limit lets orbax rename its temporary step directory into place
-# (gcsfuse refuses directory renames on flat buckets by default).
-mount_bucket() {
-  local mp=$MOUNT_POINT
-  tpu_ssh "mountpoint -q $mp || { { mkdir -p $mp 2>/dev/null \
-|| { sudo mkdir -p $mp && sudo chown \$(id -u):\$(id -g) $mp; }; } \
-&& gcsfuse --implicit-dirs --rename-dir-limit=200000 $(remote_quote "$BUCKET") $mp; }"
+# job_file EXT : a file of RUN_NAME's job on every worker, as the workers' shell reads it: .log
+# (its output), .pid (the shell that runs it), .exit (its exit status, once it has ended).
+job_file() {
+  printf '%s/%s.%s' "$REMOTE_LOGS" "$(remote_quote "$RUN_NAME")" "$1"
+}
+
+# A test, in the workers' shell, that RUN_NAME's job is running there: its shell is alive and
+# has not yet written the exit status.
+# shellcheck disable=SC2016  # $(cat ...) is expanded by the workers' shell
+job_running() {
+  printf '[ -e %s ] && [ ! -e %s ] && kill -0 "$(cat %s)" 2>/dev/null' \
+    "$(job_file pid)" "$(job_file exit)" "$(job_file pid)"
 }
 
 # The arguments quoted for the workers' shell (bash on the TPU VM images), space-separated.

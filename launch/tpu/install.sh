@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Install covjax (with jax[tpu]) on every worker of the TPU VM, from this checkout's HEAD (a source
-# archive copied with scp) or from --git-url, and gcsfuse (which run.sh mounts the bucket with) from
-# Google's apt repository where the image lacks it; with --stage, also copy gs:// objects (model,
-# data) to ~/stage/ on every worker.
+# archive copied with scp) or from --git-url; with --stage, also copy gs:// objects (model, data)
+# to ~/stage/ on every worker.
 set -euo pipefail
 SCRIPT_HELP="Install covjax on every worker of TPU_NAME (needs PROJECT, ZONE, TPU_NAME)."
 # shellcheck source-path=SCRIPTDIR source=common.sh
@@ -25,14 +24,6 @@ fi
 # python3 -m pip installs into ~/.local on the TPU VM images (system site-packages are read-only).
 tpu_ssh "$fetch && python3 -m pip install --quiet --upgrade pip \
 && python3 -m pip install --quiet \"${REMOTE_REPO}[tpu]\""
-# cloud.google.com/storage/docs/cloud-storage-fuse/install (the TPU VM images are Ubuntu).
-tpu_ssh "command -v gcsfuse >/dev/null \
-|| { echo 'deb [signed-by=/usr/share/keyrings/cloud.google.asc] \
-https://packages.cloud.google.com/apt gcsfuse-'\$(lsb_release -c -s)' main' \
-| sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null \
-&& curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg \
-| sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null \
-&& sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse; }"
 
 if [[ -n $STAGE ]]; then
   IFS=, read -r -a uris <<<"$STAGE"

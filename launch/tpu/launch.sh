@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The whole job: create, install, run, fetch logs, delete. Takes the options of all of them.
+# The whole job: create, install, run, wait for the job to end (status.sh --wait), fetch logs,
+# delete. Takes the options of all of them. The job runs detached on the workers: if this script
+# stops while it waits, the job goes on (status.sh, logs.sh, stop.sh and delete.sh take over).
 # A failed run keeps the TPU VM for inspection (delete.sh removes it); --keep always keeps it.
 set -euo pipefail
-SCRIPT_HELP="create.sh, install.sh, run.sh, logs.sh, then delete.sh (see each for its settings)."
+SCRIPT_HELP="create.sh, install.sh, run.sh, status.sh --wait, logs.sh, then delete.sh (see each for
+its settings)."
 here=$(dirname "${BASH_SOURCE[0]}")
 # shellcheck source-path=SCRIPTDIR source=common.sh
 . "$here/common.sh"
@@ -12,9 +15,12 @@ parse_args "$@"
 "$here/install.sh" "$@"
 status=0
 "$here/run.sh" "$@" || status=$?
+if [[ $status == 0 ]]; then
+  "$here/status.sh" --wait "$@" || status=$?
+fi
 "$here/logs.sh" "$@"
 if [[ $status != 0 ]]; then
-  printf 'run.sh failed (exit %s); %s is kept: launch/tpu/delete.sh deletes it\n' \
+  printf 'the run failed (exit %s); %s is kept: launch/tpu/delete.sh deletes it\n' \
     "$status" "$TPU_NAME" >&2
   exit "$status"
 fi
