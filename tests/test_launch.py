@@ -110,7 +110,7 @@ def _expected_tpu_job(archive: str) -> list[list[str]]:
     install = (
         "--command=rm -rf $HOME/covjax && tar -xzf $HOME/covjax.tar.gz -C $HOME"
         " && python3 -m pip install --quiet --upgrade pip"
-        ' && python3 -m pip install --quiet "$HOME/covjax[tpu]"'
+        ' && python3 -m pip install --quiet "$HOME/covjax[tpu,gcs]"'
     )
     return [
         ["gcloud", "compute", "tpus", "tpu-vm", "create", "tpu-a", "--accelerator-type=v5p-64",
@@ -195,7 +195,7 @@ def test_tpu_queued_spot_git_install_and_staging(tmp_path):
         [*ssh, "--command=rm -rf $HOME/covjax && git clone --quiet "
          "https://example.com/covjax.git $HOME/covjax && git -C $HOME/covjax checkout --quiet v1"
          " && python3 -m pip install --quiet --upgrade pip"
-         ' && python3 -m pip install --quiet "$HOME/covjax[tpu]"', *WHERE],
+         ' && python3 -m pip install --quiet "$HOME/covjax[tpu,gcs]"', *WHERE],
         [*ssh, "--command=mkdir -p $HOME/stage && gcloud storage cp --recursive "
          "gs://bkt/models/Qwen2.5-7B gs://bkt/data/dapo.parquet $HOME/stage/", *WHERE],
         [*qr, "delete", "tpu-a", "--force", *WHERE],

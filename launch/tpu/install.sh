@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Install covjax (with jax[tpu]) on every worker of the TPU VM, from this checkout's HEAD (a source
-# archive copied with scp) or from --git-url; with --stage, also copy gs:// objects (model, data)
-# to ~/stage/ on every worker.
+# Install covjax (with jax[tpu], and gcsfs for the gs:// workdir) on every worker of the TPU VM,
+# from this checkout's HEAD (a source archive copied with scp) or from --git-url; with --stage,
+# also copy gs:// objects (model, data) to ~/stage/ on every worker.
 set -euo pipefail
 SCRIPT_HELP="Install covjax on every worker of TPU_NAME (needs PROJECT, ZONE, TPU_NAME)."
 # shellcheck source-path=SCRIPTDIR source=common.sh
@@ -23,7 +23,7 @@ else
 fi
 # python3 -m pip installs into ~/.local on the TPU VM images (system site-packages are read-only).
 tpu_ssh "$fetch && python3 -m pip install --quiet --upgrade pip \
-&& python3 -m pip install --quiet \"${REMOTE_REPO}[tpu]\""
+&& python3 -m pip install --quiet \"${REMOTE_REPO}[tpu,gcs]\""
 
 if [[ -n $STAGE ]]; then
   IFS=, read -r -a uris <<<"$STAGE"
