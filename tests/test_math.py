@@ -233,7 +233,8 @@ def test_bad_arguments():
 
 
 def test_the_default_pool_follows_the_usable_cpus(monkeypatch):
-    """The affinity mask, not the machine's count, sizes the pool; without a mask, the count."""
+    """The affinity mask, not the machine's count, sizes the pool; without a mask, the count;
+    never more than MAX_WORKERS (a TPU host reports 200+ CPUs)."""
     monkeypatch.delattr(os, "process_cpu_count", raising=False)  # Python 3.13+
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 96)
@@ -249,6 +250,8 @@ def test_the_default_pool_follows_the_usable_cpus(monkeypatch):
     assert sizes == [3]
     monkeypatch.delattr(os, "sched_getaffinity")
     assert rewards.usable_cpus() == 96
+    assert math_reward.score_batch(["a"], ["a"]) == [1.0]
+    assert sizes == [3, rewards.MAX_WORKERS] and rewards.MAX_WORKERS == 64
     monkeypatch.setattr(os, "cpu_count", lambda: None)  # undeterminable
     assert rewards.usable_cpus() == 1
     monkeypatch.setattr(os, "process_cpu_count", lambda: 12, raising=False)

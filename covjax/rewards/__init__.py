@@ -1,7 +1,7 @@
 """Verifiers that read text and nothing else: `math` (final-answer extraction + math-verify,
 under a hard time limit per check), and `code`'s sandbox. Import the submodule you need.
 
-`usable_cpus` is the one default both size their worker pools by."""
+`default_workers` is the one default both size their worker pools by."""
 
 from __future__ import annotations
 
@@ -16,3 +16,12 @@ def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0)) or 1
     return os.cpu_count() or 1
+
+
+# A pool's upper bound: a TPU host reports 200+ CPUs, and each worker may hold gigabytes.
+MAX_WORKERS = 64
+
+
+def default_workers() -> int:
+    """The default size of a verifier pool: the usable CPUs, at most MAX_WORKERS."""
+    return min(MAX_WORKERS, usable_cpus())

@@ -32,7 +32,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from covjax.rewards import usable_cpus
+from covjax.rewards import default_workers
 
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_MEMORY_LIMIT_MB = 4096
@@ -300,10 +300,10 @@ def score_batch(
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> list[float]:
     """Rule reward of each response (`correct` / `incorrect`), order preserved, each check
-    limited to `timeout_s` seconds. `num_workers` defaults to the CPUs this process may use
-    (covjax.rewards.usable_cpus)."""
+    limited to `timeout_s` seconds. `num_workers` defaults to the CPUs this process may use,
+    at most 64 (covjax.rewards.default_workers)."""
     if num_workers is None:
-        num_workers = usable_cpus()
+        num_workers = default_workers()
     if not num_workers >= 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     ok = shared_pool(num_workers).check(responses, ground_truths, timeout_s=timeout_s)

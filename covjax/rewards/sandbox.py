@@ -47,11 +47,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from covjax.rewards import usable_cpus
+from covjax.rewards import MAX_WORKERS, default_workers
 
 ISOLATION_LEVELS = ("auto", "bwrap", "rlimit")
 JOB_KINDS = ("stdin", "call", "pytest")
-MAX_WORKERS = 64
 STARTUP_S = 5.0  # the interpreter's start-up, granted beyond a program's own budget
 # As root, pool slot s of process p runs as uid UID_BASE + (p mod 10000) * MAX_WORKERS + s: far
 # above the ranges distributions give to users, and one uid per concurrent program.
@@ -281,7 +280,7 @@ class Sandbox:
     def __init__(
         self, limits: Limits = Limits(), *, workers: int | None = None, isolation: str = "auto"
     ):
-        workers = workers or min(MAX_WORKERS, usable_cpus())
+        workers = workers or default_workers()
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"workers must be in [1, {MAX_WORKERS}], got {workers}")
         self.limits = limits
