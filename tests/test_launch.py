@@ -25,7 +25,9 @@ SBATCH = REPO / "launch" / "gpu" / "train.sbatch"
 CONFIG = "configs/default.py"
 
 # A stand-in for gcloud/srun: appends its argv and chosen environment variables to $RECORD as
-# one JSON line; answers a queued-resource poll from $STATES; exits 1 on an argument in $FAIL_ON.
+# one JSON line; answers a queued-resource poll from $STATES; answers the Nth status.sh ssh from
+# the Nth of $REPLIES ("EXIT:LINE;LINE|EXIT:..." the last one repeated: each worker's line, then
+# gcloud's exit status); exits 1 on an argument in $FAIL_ON.
 STAND_IN = """#!{python}
 import json, os, sys
 args = sys.argv[1:]
@@ -36,6 +38,12 @@ if "describe" in args:
     states = os.environ["STATES"].split(",")
     polls = sum(1 for line in open(os.environ["RECORD"]) if '"describe"' in line)
     print(states[min(polls, len(states)) - 1])
+if any("left no exit status" in a for a in args):
+    replies = os.environ["REPLIES"].split("|")
+    polls = sum(1 for line in open(os.environ["RECORD"]) if "left no exit status" in line)
+    code, _, lines = replies[min(polls, len(replies)) - 1].partition(":")
+    print(*lines.split(";"), sep="\\n") if lines else None
+    sys.exit(int(code))
 fail = os.environ.get("FAIL_ON", "")
 sys.exit(1 if fail and any(fail in a for a in args) else 0)
 """
@@ -49,15 +57,21 @@ SETTINGS = {
 }
 WHERE = ["--project=proj-1", "--zone=us-east5-a", "--quiet"]
 # run.sh's, status.sh's and stop.sh's commands for RUN_NAME=default, as the workers read them.
-PID, EXIT, LOG = (f"$HOME/covjax-logs/default.{ext}" for ext in ("pid", "exit", "log"))
-RUNNING = f'[ -e {PID} ] && [ ! -e {EXIT} ] && kill -0 "$(cat {PID})" 2>/dev/null'
+PID, BOOT, EXIT, LOG = (f"$HOME/covjax-logs/default.{x}" for x in ("pid", "boot", "exit", "log"))
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+RUNNING = (
+    f'[ -e {PID} ] && [ ! -e {EXIT} ] && [ "$(cat {BOOT} 2>/dev/null)" = "$(cat {BOOT_ID})" ]'
+    f' && kill -0 "$(cat {PID})" 2>/dev/null'
+)
 START = (
     f"--command=mkdir -p $HOME/covjax-logs && if {RUNNING}; then"
     f' echo "$(hostname):" default "is running already (pid $(cat {PID})); launch/tpu/stop.sh'
-    f' stops it" >&2; exit 1; fi && rm -f {PID} {EXIT} && {{ nohup setsid bash -c'
-    r" echo\ \$\$\ \>\$HOME/covjax-logs/default.pid\ \&\&\ \{\ cd\ \$HOME/covjax\ \&\&"
+    f' stops it" >&2; exit 1; fi && rm -f {PID} {BOOT} {EXIT} && {{ nohup setsid bash -c'
+    r" cat\ /proc/sys/kernel/random/boot_id\ \>\$HOME/covjax-logs/default.boot\ \&\&"
+    r"\ echo\ \$\$\ \>\$HOME/covjax-logs/default.pid\ \&\&\ \{\ echo\ \"===\ \$\(date\ -u"
+    r"\ +%FT%TZ\):\ start\ of\"\ default\ \"===\"\ \&\&\ cd\ \$HOME/covjax\ \&\&"
     r"\ python3\ -m\ covjax.train\ --config=configs/default.py\ --workdir=gs://bkt/default"
-    r"\ --config.train.steps=3\;\ \}\ \>\$HOME/covjax-logs/default.log\ 2\>\&1\ \</dev/null\;"
+    r"\ --config.train.steps=3\;\ \}\ \>\>\$HOME/covjax-logs/default.log\ 2\>\&1\ \</dev/null\;"
     r"\ echo\ \$\?\ \>\$HOME/covjax-logs/default.exit.partial\ \&\&\ mv"
     r"\ \$HOME/covjax-logs/default.exit.partial\ \$HOME/covjax-logs/default.exit"
     f" >/dev/null 2>&1 </dev/null & }} && for _ in $(seq 100); do [ -e {PID} ] && break;"
@@ -66,9 +80,8 @@ START = (
 )
 STATUS = (
     f'--command=if {RUNNING}; then echo "$(hostname):" default "is running (pid $(cat {PID}))";'
-    f' elif [ -e {EXIT} ]; then s=$(cat {EXIT}); echo "$(hostname):" default'
-    f' "exited with status $s"; [ "$s" = 0 ]; else echo "$(hostname):" default'
-    ' "is not running and left no exit status"; false; fi'
+    f' elif [ -e {EXIT} ]; then echo "$(hostname):" default "exited with status $(cat {EXIT})";'
+    ' else echo "$(hostname):" default "is not running and left no exit status"; fi'
 )
 
 
@@ -86,6 +99,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
         "TMPDIR": str(tmp_path),
         "RECORD": str(tmp_path / "calls.jsonl"),
         "STATES": "ACTIVE",
+        "REPLIES": "0:tpu-a-w-0: default exited with status 0",
         "POLL_SECONDS": "0",
     }
     env.update(extra)
@@ -202,17 +216,54 @@ def test_tpu_queued_spot_git_install_and_staging(tmp_path):
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("fail_on", ["covjax.train", "exited with status"])
-def test_tpu_failed_run_fetches_logs_and_keeps_the_vm(tmp_path, fail_on):
-    """The start fails (no status poll), or the job ends badly on a worker (status.sh fails)."""
-    env = _env(tmp_path, **SETTINGS, FAIL_ON=fail_on)
+@pytest.mark.parametrize(
+    "failure, status_polls, exit_status, message",
+    [
+        ({"FAIL_ON": "covjax.train"}, 0, 1, "the run failed (exit 1)"),
+        ({"REPLIES": "0:w0: default exited with status 0;w1: default exited with status 1"}, 1,
+         1, "the run failed (exit 1)"),
+        ({"REPLIES": "255:", "STATUS_RETRIES": "2"}, 3, 3, "the workers did not answer"),
+    ],
+)  # fmt: skip
+def test_tpu_failed_run_fetches_logs_and_keeps_the_vm(
+    tmp_path, failure, status_polls, exit_status, message
+):
+    """The start fails (no status poll), the job ends badly on a worker (status.sh fails), or
+    every ssh of status.sh fails (1 + STATUS_RETRIES tries): the job may run on, not 'ended'."""
+    env = _env(tmp_path, **SETTINGS, **failure)
     result = _run([str(TPU / "launch.sh"), f"--config={CONFIG}"], env, tmp_path)
-    assert result.returncode == 1
-    assert "tpu-a is kept" in result.stderr
+    assert result.returncode == exit_status
+    assert message in result.stderr and "tpu-a is kept" in result.stderr
     argv = [c["argv"] for c in _calls(tmp_path)]
     assert any("rsync" in a for a in argv)
     assert not any("delete" in a for a in argv)
-    assert any(STATUS in a for a in argv) == (fail_on != "covjax.train")
+    assert sum(STATUS in a for a in argv) == status_polls
+
+
+def test_tpu_status_retries_a_failed_ssh_and_reads_only_every_workers_report(tmp_path):
+    """status.sh --wait through ssh failures (gcloud's 255, with no line or one worker's line
+    only, or no line at all): each is asked again, none read as the job's end."""
+    replies = [
+        "255:",
+        "0:w0: default is running (pid 7);w1: default is running (pid 8)",
+        "0:",
+        "255:w0: default exited with status 0",
+        "0:w0: default exited with status 0;w1: default exited with status 0",
+    ]
+    env = _env(tmp_path, **SETTINGS, REPLIES="|".join(replies), STATUS_RETRIES="2")
+    result = _run([str(TPU / "status.sh"), f"--config={CONFIG}", "--wait"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        "w0: default is running (pid 7)\nw1: default is running (pid 8)\n"
+        "w0: default exited with status 0\nw1: default exited with status 0\n"
+    )
+    assert result.stderr.count("could not reach the workers of tpu-a; asking again") == 3
+    assert [c["argv"] for c in _calls(tmp_path)] == [
+        ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "tpu-a", "--worker=all", STATUS, *WHERE]
+    ] * 5
+    bad = _run([str(TPU / "status.sh"), f"--config={CONFIG}"], {**env, "STATUS_RETRIES": "x"},
+               tmp_path)  # fmt: skip
+    assert bad.returncode == 2 and "STATUS_RETRIES=x: give a number" in bad.stderr
 
 
 def _worker_commands(tmp_path: Path, env: dict[str, str], *scripts: list[str]) -> list[str]:
@@ -232,7 +283,8 @@ def test_tpu_job_runs_detached_and_status_stop_and_logs_follow_it(tmp_path):
     """run.sh's, status.sh's, stop.sh's and logs.sh --tail's commands, run by bash as a worker
     would with a stand-in python3: the job outlives the shell that started it, in its own
     session; a second start is refused while it runs; SIGTERM from stop.sh ends it with the
-    trainer's 143; a job that exits is reported with its status."""
+    trainer's 143; a job that exits is reported with its status; each start appends to the log;
+    a pid file from another boot of the worker names no running job."""
     env = _env(tmp_path, **SETTINGS)
     name = ["--run-name=r 1", f"--config={CONFIG}"]
     start, status, stop, tail = _worker_commands(
@@ -272,22 +324,29 @@ def test_tpu_job_runs_detached_and_status_stop_and_logs_follow_it(tmp_path):
     assert on_worker(status).stdout == f"{host}: r 1 is running (pid {pid})\n"
     assert on_worker(stop).stdout == f"{host}: sent SIGTERM to r 1\n"
     assert ended() == "143\n"
-    done = on_worker(status)
-    assert done.returncode == 1 and done.stdout == f"{host}: r 1 exited with status 143\n"
-    assert (files / "r 1.log").read_bytes().decode() == (
+    done = on_worker(status)  # a reachable worker's report succeeds: status.sh reads the line
+    assert done.returncode == 0 and done.stdout == f"{host}: r 1 exited with status 143\n"
+    marker = r"=== \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ: start of r 1 ===\n"
+    first_run = (
         f"python3 -m covjax.train --config={CONFIG} --workdir=gs://bkt/r 1"
         f" --config.train.steps=3 in {home / 'covjax'}\nstep 0\rstep 1\nstopped\n"
     )
+    assert re.fullmatch(marker + re.escape(first_run), (files / "r 1.log").read_bytes().decode())
+    assert (files / "r 1.boot").read_text() == Path(BOOT_ID).read_text()
     assert on_worker(tail).stdout == f"{host}: step 1\n{host}: stopped\n"
     assert on_worker(stop).stdout == f"{host}: r 1 is not running\n"
 
     assert on_worker(start, JOB_EXIT="0").returncode == 0
     assert ended() == "0\n"
-    assert on_worker(status).returncode == 0
-    (files / "r 1.exit").unlink()  # the job's shell was killed with the VM
-    lost = on_worker(status)
-    assert lost.returncode == 1 and lost.stdout == f"{host}: r 1 is not running and left no exit"\
-        " status\n"
+    assert on_worker(status).stdout == f"{host}: r 1 exited with status 0\n"
+    log = (files / "r 1.log").read_bytes().decode()
+    assert re.fullmatch(marker + re.escape(first_run) + marker + re.escape(first_run[:-8]), log)
+    (files / "r 1.exit").unlink()  # the job's shell was killed with the VM...
+    (files / "r 1.pid").write_text(f"{os.getpid()}\n")  # ...and its pid is a live process's now
+    (files / "r 1.boot").write_text("another boot\n")
+    assert on_worker(status).stdout == f"{host}: r 1 is not running and left no exit status\n"
+    assert on_worker(start, JOB_EXIT="0").returncode == 0
+    assert ended() == "0\n" and int((files / "r 1.pid").read_text()) != os.getpid()
 
 
 @pytest.mark.parametrize(

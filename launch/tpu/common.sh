@@ -25,6 +25,7 @@ DRY_RUN=${DRY_RUN:-0}
 WAIT=${WAIT:-0}
 TAIL=${TAIL:-}
 POLL_SECONDS=${POLL_SECONDS:-30}
+STATUS_RETRIES=${STATUS_RETRIES:-5}
 TRAIN_FLAGS=()
 
 # Where covjax lives on every worker, and where each worker keeps a job's files (job_file);
@@ -62,7 +63,9 @@ Settings (flag or environment variable):
   --spot                  SPOT=1            spot (preemptible) capacity
   --keep                  KEEP=1            launch.sh: do not delete the TPU VM at the end
   --wait                  WAIT=1            status.sh: ask every POLL_SECONDS (default 30)
-                                            until the job has ended on every worker
+                                            until the job has ended on every worker; an ssh
+                                            that fails is retried STATUS_RETRIES times
+                                            (default 5), POLL_SECONDS apart
   --tail=N                TAIL              logs.sh: print each worker's last N log lines
   --dry-run               DRY_RUN=1         print every command instead of running it
   -- TRAIN_FLAGS...                         run.sh: extra flags for python -m covjax.train
@@ -107,6 +110,9 @@ parse_args() {
   BUCKET=${BUCKET%/}
   if [[ -n $TAIL && ! $TAIL =~ ^[1-9][0-9]*$ ]]; then
     die "--tail=$TAIL: give a number of lines (1 or more)"
+  fi
+  if [[ ! $STATUS_RETRIES =~ ^[0-9]+$ ]]; then
+    die "STATUS_RETRIES=$STATUS_RETRIES: give a number of retries (0 or more)"
   fi
   if [[ -z $RUN_NAME && -n $CONFIG ]]; then
     RUN_NAME=$(basename "${CONFIG%%:*}" .py)
@@ -174,17 +180,23 @@ tpu_ssh() {
 }
 
 # job_file EXT : a file of RUN_NAME's job on every worker, as the workers' shell reads it: .log
-# (its output), .pid (the shell that runs it), .exit (its exit status, once it has ended).
+# (its output), .pid (the shell that runs it), .boot (the boot id of the worker when it started),
+# .exit (its exit status, once it has ended).
 job_file() {
   printf '%s/%s.%s' "$REMOTE_LOGS" "$(remote_quote "$RUN_NAME")" "$1"
 }
 
-# A test, in the workers' shell, that RUN_NAME's job is running there: its shell is alive and
-# has not yet written the exit status.
+# The worker's boot id, which changes on every boot.
+BOOT_ID=/proc/sys/kernel/random/boot_id
+
+# A test, in the workers' shell, that RUN_NAME's job is running there: its shell, started since
+# the worker last booted (after a reboot the pid may name another process), is alive and has not
+# yet written the exit status.
 # shellcheck disable=SC2016  # $(cat ...) is expanded by the workers' shell
 job_running() {
-  printf '[ -e %s ] && [ ! -e %s ] && kill -0 "$(cat %s)" 2>/dev/null' \
-    "$(job_file pid)" "$(job_file exit)" "$(job_file pid)"
+  printf '[ -e %s ] && [ ! -e %s ] && [ "$(cat %s 2>/dev/null)" = "$(cat %s)" ]' \
+    "$(job_file pid)" "$(job_file exit)" "$(job_file boot)" "$BOOT_ID"
+  printf ' && kill -0 "$(cat %s)" 2>/dev/null' "$(job_file pid)"
 }
 
 # The arguments quoted for the workers' shell (bash on the TPU VM images), space-separated.
