@@ -138,7 +138,8 @@ def test_sigterm_checkpoints_the_step_exits_143_and_the_same_command_resumes(tmp
     with open(log, "w") as stderr_file:
         run = subprocess.Popen(
             [sys.executable, "-m", "covjax.train", SMOKE, f"--workdir={workdir}",
-             "--config.train.steps=200"],  # ~0.1 s a step: the signal comes long before the end
+             "--config.train.steps=200",  # ~0.1 s a step: the signal comes long before the end
+             "--config.train.export_interval=1"],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr_file,
         )
     metrics, deadline = workdir / "metrics.jsonl", time.monotonic() + 300
@@ -152,6 +153,9 @@ def test_sigterm_checkpoints_the_step_exits_143_and_the_same_command_resumes(tmp
     done = len(records(workdir))
     assert f"stopped by a signal after {done} steps (checkpoint saved" in stderr
     assert 1 <= done < 200 and max(int(p) for p in os.listdir(workdir / "checkpoints")) == done
+    # an export every step but the one the signal stopped: its checkpoint matters more
+    assert sorted(p.name for p in workdir.glob("hf_*")) == sorted(
+        f"hf_step_{k}" for k in range(1, done))
     train(workdir, f"--config.train.steps={done + 2}")  # the same command, two steps longer
     assert [r["step"] for r in records(workdir)] == list(range(done + 3))  # + final evaluation
 
