@@ -353,3 +353,23 @@ def test_a_failed_run_ends_with_its_one_line_without_the_interpreter_shutdown():
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert (result.returncode, result.stderr) == (1, "FATAL run failed: disk full at /x\n")
+
+
+def test_a_metrics_writer_that_fails_on_process_0_stops_every_process(tmp_path, monkeypatch):
+    config = load_config("default", "smoke")
+    agreed = []
+
+    def refuse(*args, **kwargs):  # W&B starts on process 0 only
+        raise ValueError("config.log.wandb='p': W&B did not start: no API key")
+
+    monkeypatch.setattr(trainer, "MetricsWriter", refuse)
+    monkeypatch.setattr(trainer.multihost, "any_process", lambda flag: agreed.append(flag) or flag)
+    with pytest.raises(trainer.RunFailed) as error:
+        trainer._start_metrics(config, tmp_path, 0)
+    assert str(error.value) == "config.log.wandb='p': W&B did not start: no API key"
+    assert agreed == [True]  # every process learns it and stops at once
+    monkeypatch.setattr(trainer, "MetricsWriter", lambda *args, **kwargs: None)  # not process 0
+    monkeypatch.setattr(trainer.multihost, "any_process", lambda flag: True)
+    with pytest.raises(trainer.RunFailed) as error:
+        trainer._start_metrics(config, tmp_path, 0)
+    assert str(error.value) == f"{tmp_path}: process 0 failed to start the metrics writer"
