@@ -60,15 +60,14 @@ def _one_line(error: BaseException) -> str:
 
 @contextlib.contextmanager
 def storage_errors(workdir: epath.Path) -> Iterator[None]:
-    """Re-raises a failure of the storage layer in the block (no credentials, no such bucket, an
-    uninstalled backend such as gcsfs) as config.ConfigError: one line naming the workdir, with
-    the storage layer's own message. A ConfigError of the block passes through."""
-    try:
+    """Re-raises a failure of the storage layer in the block (storage.is_storage_error: no
+    credentials, no such bucket, an uninstalled backend such as gcsfs) as config.ConfigError: one
+    line naming the workdir, with the storage layer's own message. A ConfigError of the block,
+    and a programming error, pass through."""
+    with storage.storage_errors_as(
+        lambda error: ConfigError(f"workdir {workdir}: {_one_line(error)}"), passing=(ConfigError,)
+    ):
         yield
-    except ConfigError:
-        raise
-    except Exception as error:  # noqa: BLE001 - every storage backend raises its own types
-        raise ConfigError(f"workdir {workdir}: {_one_line(error)}") from error
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:

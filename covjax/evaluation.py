@@ -13,6 +13,8 @@ own settings (`training_eval_settings`).
 from __future__ import annotations
 
 import json
+import logging
+import math
 import numbers
 import os
 import re
@@ -23,7 +25,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from covjax import storage
 from covjax.data import PromptDataset
+from covjax.model.hf import EXPORT_COMPLETE_FILE
 from covjax.rewards.math import DEFAULT_TIMEOUT_S, score_batch
 from covjax.sampler import Sampler, SamplingParams, decode_responses
 
@@ -193,20 +197,32 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def resolve_checkpoint(workdir: str) -> str:
-    """The Hugging Face folder of a trainer workdir: hf_final, else the latest hf_step_<step>."""
+    """The Hugging Face folder of a local trainer workdir: hf_final, else the latest
+    hf_step_<step>. A folder without config.json (EXPORT_COMPLETE_FILE, which an export writes
+    last) is an export cut short: skipped with a warning. ValueError for an object store's URL
+    (the weights are memory-mapped from local files: the export is copied down first)."""
+    if not storage.is_local(workdir):
+        raise ValueError(
+            f"{workdir} is not a local folder: copy its export down first (e.g. gcloud storage cp "
+            f"-r {workdir.rstrip('/')}/hf_final .) and pass --model=hf_final"
+        )
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"{workdir} is not a directory")
-    final = os.path.join(workdir, "hf_final")
-    if os.path.isdir(final):
-        return final
-    steps = {}
+    candidates = {math.inf: os.path.join(workdir, "hf_final")}
     for entry in os.listdir(workdir):
-        match = re.fullmatch(r"hf_step_(\d+)", entry)
-        if match and os.path.isdir(os.path.join(workdir, entry)):
-            steps[int(match.group(1))] = os.path.join(workdir, entry)
-    if not steps:
-        raise FileNotFoundError(f"{workdir}: no hf_final or hf_step_* folder in it")
-    return steps[max(steps)]
+        if match := re.fullmatch(r"hf_step_(\d+)", entry):
+            candidates[int(match.group(1))] = os.path.join(workdir, entry)
+    for key in sorted(candidates, reverse=True):
+        folder = candidates[key]
+        if not os.path.isdir(folder):
+            continue
+        if os.path.isfile(os.path.join(folder, EXPORT_COMPLETE_FILE)):
+            return folder
+        logging.warning("%s has no %s (an export cut short): skipped", folder,
+                        EXPORT_COMPLETE_FILE)
+    raise FileNotFoundError(
+        f"{workdir}: no hf_final or hf_step_* folder with {EXPORT_COMPLETE_FILE} in it"
+    )
 
 
 def training_eval_settings(workdir: str) -> dict[str, Any]:

@@ -6,15 +6,26 @@ cannot be appended to (gcsfs opens mode "a" as "w", dropping what was there), an
 locked. `AppendFile` therefore appends where it can and rewrites the object whole where it cannot,
 and checkpointing.workdir_lock locks local workdirs only.
 
+What counts as a failure of the storage layer (`is_storage_error`) is defined here, once: every
+writer of the run (set-up, checkpoints, metrics, exports) stops on the same set.
+
 Neither NumPy nor JAX at import: covjax.metrics imports it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pathlib
+from collections.abc import Callable, Iterator
 
 from etils import epath
+
+# Exceptions that are bugs of the code, never the storage layer's: they keep their traceback.
+PROGRAMMING_ERRORS = (
+    ArithmeticError, AssertionError, AttributeError, LookupError, NameError, TypeError,
+)
 
 
 def as_path(path: str | os.PathLike) -> epath.Path:
@@ -30,9 +41,36 @@ def as_path(path: str | os.PathLike) -> epath.Path:
         raise ValueError(f"{text}: etils.epath opens no {scheme}:// paths") from None
 
 
-def is_local(path: epath.Path) -> bool:
+def is_local(path: str | os.PathLike) -> bool:
     """Whether `path` is on a local (POSIX) file system rather than an object store."""
     return "://" not in os.fspath(path)
+
+
+def is_storage_error(error: BaseException) -> bool:
+    """Whether `error`, raised while reading or writing the run's files, is the storage layer's (a
+    full disk, no credentials, no such bucket, a network error, an uninstalled backend such as
+    gcsfs) rather than a bug. Each backend raises its own types (OSError, ImportError, gcsfs's
+    HttpError, google-auth's errors), which cannot be named without importing optional packages,
+    so every Exception counts except PROGRAMMING_ERRORS."""
+    return isinstance(error, Exception) and not isinstance(error, PROGRAMMING_ERRORS)
+
+
+@contextlib.contextmanager
+def storage_errors_as(
+    wrap: Callable[[Exception], BaseException], passing: tuple[type[BaseException], ...] = ()
+) -> Iterator[None]:
+    """Re-raises a storage error of the block (`is_storage_error`) as `wrap(error)`, its traceback
+    logged at INFO (the one-line message hides it); a programming error, or one of `passing`,
+    passes through unchanged."""
+    try:
+        yield
+    except passing:
+        raise
+    except Exception as error:
+        if not is_storage_error(error):
+            raise
+        logging.info("storage error, re-raised as one line", exc_info=error)
+        raise wrap(error) from error
 
 
 class AppendFile:

@@ -351,11 +351,9 @@ def _train(config, workdir: epath.Path, mesh, model, task: Task, manager, latest
 
     def write(step: int, metrics: dict[str, float]) -> None:
         """The step's metrics, and a check that no checkpoint save has failed since the last."""
-        try:
+        with _stop_on_storage_error(manager, step):
             writer.write(step, metrics)
             checkpointing.raise_save_errors(manager)
-        except OSError as error:
-            raise _stop_run(manager, f"step {step}: {error}") from error
 
     buckets = _prompt_buckets(config.data.max_prompt_length)
     sampler = Sampler(model, mesh=mesh, length_buckets=buckets,
@@ -363,11 +361,7 @@ def _train(config, workdir: epath.Path, mesh, model, task: Task, manager, latest
                       max_prompt_length=config.data.max_prompt_length)
     eval_params = sampling_params(config.rollout, task.stop_token_ids)
     base_rng = jax.random.key(config.seed)
-    try:  # cuts metrics.jsonl back to the checkpoint
-        writer = MetricsWriter(workdir, start_step, wandb_project=config.log.wandb,
-                               run_config=config_lib.flatten(config.to_dict()))
-    except (OSError, ValueError) as error:  # a full disk, a line that is not JSON: named
-        raise RunFailed(str(error)) from error
+    writer = _start_metrics(config, workdir, start_step)
     records: list[dict[str, Any]] = []
     stopping = False
     with StopFlag() as stop, tqdm.trange(
@@ -411,15 +405,14 @@ def _train(config, workdir: epath.Path, mesh, model, task: Task, manager, latest
             if stopping or done == config.train.steps or _due(
                 done, config.train.checkpoint_interval
             ):
-                try:
+                with _stop_on_storage_error(manager, step):
                     save(done)
-                except OSError as error:
-                    raise _stop_run(manager, f"step {step}: {error}") from error
-            if done < config.train.steps and _due(done, config.train.export_interval):
-                try:  # the last step's weights are hf_final
+            # the last step's weights are hf_final; a stop skips the export (made again when due)
+            if not stopping and done < config.train.steps and _due(
+                done, config.train.export_interval
+            ):
+                with _stop_on_storage_error(manager, step):
                     _export(model, workdir / f"hf_step_{done}", config, task)
-                except OSError as error:
-                    raise _stop_run(manager, f"step {step}: {error}") from error
             if stopping:
                 break
 
@@ -439,7 +432,8 @@ def _train(config, workdir: epath.Path, mesh, model, task: Task, manager, latest
         raise RunFailed(f"the weights after step {config.train.steps - 1} are not finite: "
                         "hf_final is not written (lower config.optim.lr)")
     if finished:
-        _export(model, workdir / "hf_final", config, task)
+        with _stop_on_storage_error(manager, config.train.steps):
+            _export(model, workdir / "hf_final", config, task)
         if config.data.task == "toy" and jax.process_index() == 0:
             # beside a qwen2 config.json, AutoTokenizer would load Qwen2's own tokenizer
             save_tokenizer(task.tokenizer, workdir / "tokenizer")
@@ -460,6 +454,32 @@ def _export(model: Transformer, path: epath.Path, config, task: Task) -> None:
     save_pretrained(model, path, tokenizer=task.tokenizer,
                     source_dir=os.path.expanduser(config.model.path) or None,
                     dtype=config.train.export_dtype)
+
+
+def _start_metrics(config, workdir: epath.Path, start_step: int) -> MetricsWriter:
+    """The run's MetricsWriter (metrics.jsonl cut back to the checkpoint; the W&B run started),
+    made on process 0 only. Every process learns whether it failed there (a full disk, a line that
+    is not JSON, W&B refusing to start) and stops with RunFailed together (collective), instead of
+    the others waiting for process 0 in the next gather."""
+    error = None
+    try:
+        writer = MetricsWriter(workdir, start_step, wandb_project=config.log.wandb,
+                               run_config=config_lib.flatten(config.to_dict()))
+    except Exception as e:  # noqa: BLE001 - raised below, once every process knows
+        error = e
+    if multihost.any_process(error is not None):
+        if error is None:
+            raise RunFailed(f"{workdir}: process 0 failed to start the metrics writer")
+        if not storage.is_storage_error(error):
+            raise error
+        raise RunFailed(str(error)) from error
+    return writer
+
+
+def _stop_on_storage_error(manager, step: int):
+    """A context in which a storage error (storage.is_storage_error: a full disk, a refused
+    write) stops the run with `_stop_run`, naming `step`."""
+    return storage.storage_errors_as(lambda error: _stop_run(manager, f"step {step}: {error}"))
 
 
 def _stop_run(manager, why: str) -> RunFailed:

@@ -232,3 +232,19 @@ def test_on_an_object_store_the_workdir_is_not_locked_and_its_config_is_checked(
         "gs://bucket/run/config.json holds a checkpointed run of another config (config.seed: "
         "0 -> 3)"
     )
+
+
+def test_storage_errors_are_one_line_naming_the_workdir_and_bugs_keep_their_traceback(caplog):
+    workdir = "gs://bucket/run"
+    with caplog.at_level("INFO"), pytest.raises(config_lib.ConfigError) as error:
+        with checkpointing.storage_errors(workdir):
+            raise PermissionError("Anonymous caller does not have access.\nPermission denied.")
+    assert str(error.value) == (
+        "workdir gs://bucket/run: PermissionError: Anonymous caller does not have access."
+    )
+    assert "Permission denied." in caplog.text  # the whole error, at INFO
+    for bug in (TypeError("f() takes 1 argument"), AttributeError("no x"), KeyError("k"),
+                AssertionError("shape"), config_lib.ConfigError("config.x: bad")):
+        with pytest.raises(type(bug)) as error, checkpointing.storage_errors(workdir):
+            raise bug
+        assert error.value is bug

@@ -227,6 +227,9 @@ BAD_FLAGS = [  # (flags, what the line names); {model}, {absent}, ... from the p
     (["--model={tmp}", *GOOD[1:]], ["--model={tmp}: ", "config.json"]),
     (["--checkpoint={absent}", *GOOD[1:]], ["--checkpoint={absent}: ", "not a directory"]),
     (["--checkpoint={tmp}", *GOOD[1:]], ["--checkpoint={tmp}: ", "no hf_final or hf_step_"]),
+    (["--checkpoint=gs://bucket/run", *GOOD[1:]],
+     ["--checkpoint=gs://bucket/run: gs://bucket/run is not a local folder: copy its export down "
+      "first"]),
     (["--checkpoint={broken}", *GOOD[1:]], ["--checkpoint={broken}: ", "is not JSON"]),
     (["--checkpoint={toy}", *GOOD[1:]],
      ["--checkpoint={toy}: a toy run ({toy}/config.json: data.task='toy'); covjax.eval evaluates "

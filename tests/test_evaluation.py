@@ -47,18 +47,36 @@ def test_format_table():
                     ["average", "0.3125"]]
 
 
-def test_checkpoint_resolution(tmp_path):
-    for name in ("hf_step_5", "hf_step_20", "hf_step_100x"):
+def test_checkpoint_resolution(tmp_path, caplog):
+    def export(name):  # config.json: written last by an export, the mark of a complete one
         os.makedirs(tmp_path / name)
+        (tmp_path / name / "config.json").write_text("{}")
+
+    for name in ("hf_step_5", "hf_step_20", "hf_step_100x"):
+        export(name)
     (tmp_path / "hf_step_99").write_text("")  # a file, not a model folder
+    os.makedirs(tmp_path / "hf_step_30")  # an export cut short: no config.json
+    (tmp_path / "hf_step_30" / "model.safetensors").write_text("")
     assert evaluation.resolve_checkpoint(str(tmp_path)) == str(tmp_path / "hf_step_20")
+    assert f"{tmp_path / 'hf_step_30'} has no config.json (an export cut short)" in caplog.text
     os.makedirs(tmp_path / "hf_final")
+    assert evaluation.resolve_checkpoint(str(tmp_path)) == str(tmp_path / "hf_step_20")
+    (tmp_path / "hf_final" / "config.json").write_text("{}")
     assert evaluation.resolve_checkpoint(str(tmp_path)) == str(tmp_path / "hf_final")
     with pytest.raises(FileNotFoundError, match="empty_workdir is not a directory"):
         evaluation.resolve_checkpoint(str(tmp_path / "empty_workdir"))
-    os.makedirs(tmp_path / "no_models")
-    with pytest.raises(FileNotFoundError, match="no_models: no hf_final or hf_step_"):
+    os.makedirs(tmp_path / "no_models" / "hf_final")
+    with pytest.raises(FileNotFoundError) as error:
         evaluation.resolve_checkpoint(str(tmp_path / "no_models"))
+    assert str(error.value) == (
+        f"{tmp_path / 'no_models'}: no hf_final or hf_step_* folder with config.json in it"
+    )
+    with pytest.raises(ValueError) as error:  # from_pretrained memory-maps local files
+        evaluation.resolve_checkpoint("gs://bucket/run/")
+    assert str(error.value) == (
+        "gs://bucket/run/ is not a local folder: copy its export down first (e.g. gcloud storage "
+        "cp -r gs://bucket/run/hf_final .) and pass --model=hf_final"
+    )
 
 
 def test_training_eval_settings(tmp_path):

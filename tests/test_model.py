@@ -260,6 +260,72 @@ def test_save_pretrained_writes_bf16_shards_to_an_object_store(hf_dirs, tmp_path
     assert _rel_err(_torch_logits(str(local), ids, mask, positions), ref, mask) < 2e-2
 
 
+@pytest.mark.parametrize("where", ["local", "object store"])
+def test_a_failed_write_still_gathers_every_tensor_and_keeps_the_old_export(
+    hf_dirs, tmp_path, monkeypatch, where
+):
+    from covjax.evaluation import resolve_checkpoint
+    from covjax.model import hf
+
+    root = tmp_path if where == "local" else epath.Path(fake_object_store(monkeypatch))
+    old, new = from_pretrained(hf_dirs["qwen2_tied"]), from_pretrained(hf_dirs["qwen2_untied"])
+    save_pretrained(old, root / "hf_final", max_shard_size="40KB")
+    before = {p.name: p.read_bytes() for p in (root / "hf_final").iterdir()}
+    sizes = sorted(a.size for a in hf_state_dict(new).values())
+    gathers, agreed, written = [], [], []
+    gather, write, any_process = hf._gather_to_host, hf._write_safetensors, hf.multihost.any_process
+
+    def counting_gather(x):
+        gathers.append(x.size)
+        return gather(x)
+
+    def full_disk_on_the_second_file(path, structs, arrays):
+        written.append(path)
+        if len(written) < 2:
+            return write(path, structs, arrays)
+        next(arrays)  # one tensor gathered, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    def agree(flag):
+        agreed.append(flag)
+        return any_process(flag)
+
+    monkeypatch.setattr(hf, "_gather_to_host", counting_gather)
+    monkeypatch.setattr(hf, "_write_safetensors", full_disk_on_the_second_file)
+    monkeypatch.setattr(hf.multihost, "any_process", agree)
+    with pytest.raises(OSError) as error:
+        save_pretrained(new, root / "hf_final", max_shard_size="40KB")
+    assert str(error.value) == (
+        f"{written[1]}: writing the export failed: OSError: [Errno 28] No space left on device"
+    )
+    assert sorted(gathers) == sizes  # every tensor, once, though the write stopped
+    assert agreed == [True]  # at the end, after every gather: the processes raise together
+    if where == "local":  # the new files went to hf_final.partial: the old export is whole
+        assert written[1].parent == tmp_path / "hf_final.partial"
+        assert {p.name: p.read_bytes() for p in (tmp_path / "hf_final").iterdir()} == before
+        assert resolve_checkpoint(str(tmp_path)) == str(tmp_path / "hf_final")
+    else:  # written in place: without its config.json, which resolve_checkpoint requires
+        assert written[1].parent == root / "hf_final"
+        assert "config.json" in before and not (root / "hf_final" / "config.json").exists()
+
+    gathers.clear()
+    monkeypatch.setattr(jax, "process_index", lambda: 1)  # another process, told of the failure
+    monkeypatch.setattr(hf.multihost, "any_process", lambda flag: True)
+    with pytest.raises(OSError) as error:
+        save_pretrained(new, root / "elsewhere", max_shard_size="40KB")
+    assert str(error.value) == f"{root / 'elsewhere'}: process 0 failed to write the export"
+    assert sorted(gathers) == sizes and not (root / "elsewhere").exists()
+
+    monkeypatch.undo()
+    if where == "local":  # a complete save replaces the old export; nothing is left beside it
+        save_pretrained(new, tmp_path / "hf_final", max_shard_size="40KB")
+        assert sorted(p.name for p in tmp_path.glob("hf_final*")) == ["hf_final"]
+        np.testing.assert_array_equal(
+            hf_state_dict(from_pretrained(tmp_path / "hf_final"))["lm_head.weight"],
+            hf_state_dict(new)["lm_head.weight"],
+        )
+
+
 def test_save_pretrained_keeps_special_ids_and_generation_config(tmp_path):
     from covjax.model import stop_ids
 

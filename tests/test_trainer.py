@@ -138,7 +138,8 @@ def test_sigterm_checkpoints_the_step_exits_143_and_the_same_command_resumes(tmp
     with open(log, "w") as stderr_file:
         run = subprocess.Popen(
             [sys.executable, "-m", "covjax.train", SMOKE, f"--workdir={workdir}",
-             "--config.train.steps=200"],  # ~0.1 s a step: the signal comes long before the end
+             "--config.train.steps=200",  # ~0.1 s a step: the signal comes long before the end
+             "--config.train.export_interval=1"],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr_file,
         )
     metrics, deadline = workdir / "metrics.jsonl", time.monotonic() + 300
@@ -152,6 +153,9 @@ def test_sigterm_checkpoints_the_step_exits_143_and_the_same_command_resumes(tmp
     done = len(records(workdir))
     assert f"stopped by a signal after {done} steps (checkpoint saved" in stderr
     assert 1 <= done < 200 and max(int(p) for p in os.listdir(workdir / "checkpoints")) == done
+    # an export every step but the one the signal stopped: its checkpoint matters more
+    assert sorted(p.name for p in workdir.glob("hf_*")) == sorted(
+        f"hf_step_{k}" for k in range(1, done))
     train(workdir, f"--config.train.steps={done + 2}")  # the same command, two steps longer
     assert [r["step"] for r in records(workdir)] == list(range(done + 3))  # + final evaluation
 
@@ -349,3 +353,23 @@ def test_a_failed_run_ends_with_its_one_line_without_the_interpreter_shutdown():
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert (result.returncode, result.stderr) == (1, "FATAL run failed: disk full at /x\n")
+
+
+def test_a_metrics_writer_that_fails_on_process_0_stops_every_process(tmp_path, monkeypatch):
+    config = load_config("default", "smoke")
+    agreed = []
+
+    def refuse(*args, **kwargs):  # W&B starts on process 0 only
+        raise ValueError("config.log.wandb='p': W&B did not start: no API key")
+
+    monkeypatch.setattr(trainer, "MetricsWriter", refuse)
+    monkeypatch.setattr(trainer.multihost, "any_process", lambda flag: agreed.append(flag) or flag)
+    with pytest.raises(trainer.RunFailed) as error:
+        trainer._start_metrics(config, tmp_path, 0)
+    assert str(error.value) == "config.log.wandb='p': W&B did not start: no API key"
+    assert agreed == [True]  # every process learns it and stops at once
+    monkeypatch.setattr(trainer, "MetricsWriter", lambda *args, **kwargs: None)  # not process 0
+    monkeypatch.setattr(trainer.multihost, "any_process", lambda flag: True)
+    with pytest.raises(trainer.RunFailed) as error:
+        trainer._start_metrics(config, tmp_path, 0)
+    assert str(error.value) == f"{tmp_path}: process 0 failed to start the metrics writer"

@@ -21,7 +21,7 @@ import os
 import pathlib
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import chex
@@ -34,6 +34,7 @@ from huggingface_hub import split_state_dict_into_shards_factory
 from jax.sharding import Mesh, SingleDeviceSharding
 from jax.typing import DTypeLike
 
+from covjax import multihost, storage
 from covjax.model.config import ModelConfig
 from covjax.model.transformer import Transformer
 from covjax.sharding import logical_sharding
@@ -58,7 +59,14 @@ _ST_NAMES = {np.dtype(t): name for name, t in _ST_DTYPES.items()}
 # model-00001-of-00003.safetensors listed by the index.
 _SHARD_PATTERN = "model{suffix}.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
+# An export is complete once this file, written last, is in its folder; until then it is written
+# under its name + PARTIAL_SUFFIX on a local file system.
+EXPORT_COMPLETE_FILE = "config.json"
+PARTIAL_SUFFIX = ".partial"
 MAX_SHARD_SIZE = "5GB"  # transformers' default
+# Bytes per write of a tensor: a file object that takes only bytes (TF's gfile under etils) gets
+# copies of at most this much, never of the whole tensor.
+_WRITE_CHUNK = 64 * 2**20
 # The files one of which every transformers tokenizer loads its vocabulary from.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 # Buffers some checkpoints carry that the model recomputes.
@@ -360,34 +368,37 @@ def _hf_struct(source: _Source, dtype: DTypeLike | None) -> jax.ShapeDtypeStruct
     return jax.ShapeDtypeStruct(_hf_shape(shape, layout), jnp.dtype(dtype or value.dtype))
 
 
-def _hf_tensor(source: _Source, dtype: DTypeLike | None) -> np.ndarray:
+def _hf_tensor(source: _Source, dtype: DTypeLike | None, *, lay_out: bool = True) -> np.ndarray:
     """One HF tensor on the host: its layer sliced out and cast to `dtype` on the devices, then
-    gathered (collective in a multi-process run) and laid out as HF stores it."""
+    gathered (collective in a multi-process run) and, with `lay_out`, laid out as HF stores it
+    (a process that only takes part in the gather skips that copy)."""
     var, layer, layout = source
     value = var.get_value()
     if layer is not None:
         value = value[layer]
     if dtype is not None:
         value = value.astype(dtype)
-    return _to_hf(_gather_to_host(value), layout)
+    gathered = _gather_to_host(value)
+    return _to_hf(gathered, layout) if lay_out else gathered
 
 
-def hf_state_dict(model: Transformer, dtype: DTypeLike | None = None) -> dict[str, np.ndarray]:
+def hf_state_dict(model: Transformer) -> dict[str, np.ndarray]:
     """The model's parameters as host numpy arrays under their Hugging Face names and layouts, in
-    `dtype` (default: the parameters' own).
+    the parameters' own dtype.
 
     Works on any nnx tree shaped like the model (e.g. gradients merged into its graphdef).
     In a multi-process run every process must call it (the gather is collective).
     """
-    return {name: _hf_tensor(source, dtype) for name, source in _hf_sources(model).items()}
+    return {name: _hf_tensor(source, None) for name, source in _hf_sources(model).items()}
 
 
 def _write_safetensors(
-    path: epath.Path, structs: dict[str, jax.ShapeDtypeStruct], arrays: Iterable[np.ndarray]
+    path: epath.Path, structs: dict[str, jax.ShapeDtypeStruct], arrays: Iterator[np.ndarray]
 ) -> None:
     """A safetensors file of the tensors `structs` names, their data taken from `arrays` (in the
     same order) one at a time: the header is written from the shapes first, then each array is
-    streamed to the file and dropped, so no two tensors are in memory together."""
+    streamed to the file and dropped before the next is taken, so no two tensors are in memory
+    together. A write that fails leaves the rest of `arrays` untaken."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, s in structs.items():
@@ -399,10 +410,15 @@ def _write_safetensors(
     blob += b" " * (-len(blob) % 8)  # as safetensors pads it: the data starts 8-byte aligned
     with path.open("wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
-        for (name, s), array in zip(structs.items(), arrays, strict=True):
+        for name, s in structs.items():  # not zip: its result tuple would hold the last array
+            array = next(arrays)
             chex.assert_shape(array, s.shape, custom_message=name)
             chex.assert_type(array, s.dtype, custom_message=name)
-            f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+            data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+            del array  # data is the array itself, or its one contiguous copy
+            for start in range(0, data.size, _WRITE_CHUNK):
+                f.write(data[start : start + _WRITE_CHUNK].tobytes())
+            del data
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, path: epath.PathLike) -> None:
@@ -433,15 +449,22 @@ def save_pretrained(
     The weights are in `dtype` (default: the parameters' own) and split as transformers splits
     them (huggingface_hub's planner): files of at most `max_shard_size` (a tensor larger than it
     gets a file of its own), model.safetensors when one file holds them all, else
-    model-0000i-of-0000n.safetensors and model.safetensors.index.json. Weight files an earlier
-    save left in the folder are removed first.
+    model-0000i-of-0000n.safetensors and model.safetensors.index.json.
+
+    config.json is written last: a folder without it is an export cut short (EXPORT_COMPLETE_FILE,
+    which covjax.evaluation.resolve_checkpoint skips). Locally the files go to `<path>.partial`,
+    which replaces `path` once complete, so an export cut short leaves an older folder of that
+    name intact. On an object store, where a folder cannot be renamed in one step, they are
+    written in place: the old config.json and weight files are removed first.
 
     Host memory: one tensor at a time. Each is sliced and cast on the devices, gathered, laid out
     as HF stores it (a transposing copy) and streamed into its file, so a process holds at most
     about twice the largest tensor (the embedding, for most models), never the model.
 
     In a multi-process run every process must call it (each gather is collective); process 0
-    writes.
+    writes. A write that fails there does not stop process 0 while the others wait in a gather:
+    it goes on gathering, writing nothing, and at the end every process raises OSError together
+    (process 0's names the file and the cause, the others' say that process 0 failed).
     """
     sources = _hf_sources(model)
     structs = {name: _hf_struct(source, dtype) for name, source in sources.items()}
@@ -451,34 +474,90 @@ def save_pretrained(
         filename_pattern=_SHARD_PATTERN,
         max_shard_size=max_shard_size,
     )
-    writer = jax.process_index() == 0
     path = epath.Path(path)
-    if writer:
-        path.mkdir(parents=True, exist_ok=True)
-        for stale in [*path.glob("model*.safetensors"), *path.glob(_INDEX_FILE)]:
-            stale.unlink()
+    local = storage.is_local(path)
+    folder = path.parent / f"{path.name}{PARTIAL_SUFFIX}" if local else path
+    failure: tuple[epath.Path, Exception] | None = None  # process 0's first failed write
+
+    def attempt(target: epath.Path, write: Callable[..., object], *args: Any) -> None:
+        """Runs `write(*args)` (of `target`) on process 0 unless a write has failed, keeping its
+        error."""
+        nonlocal failure
+        if jax.process_index() != 0 or failure is not None:
+            return
+        try:
+            write(*args)
+        except Exception as error:  # noqa: BLE001 - raised once every process has gathered
+            failure = (target, error)
+
+    attempt(folder, lambda: _start_export(folder, local))
     for filename, names in split.filename_to_tensors.items():
-        arrays = (_hf_tensor(sources[name], dtype) for name in names)
-        if writer:
-            _write_safetensors(path / filename, {name: structs[name] for name in names}, arrays)
-        else:  # gathered with process 0, and dropped
-            collections.deque(arrays, maxlen=0)
-    if not writer:
-        return
+        writing = jax.process_index() == 0 and failure is None
+        arrays = (_hf_tensor(sources[name], dtype, lay_out=writing) for name in names)
+        attempt(folder / filename, _write_safetensors, folder / filename,
+                {name: structs[name] for name in names}, arrays)
+        collections.deque(arrays, maxlen=0)  # the gathers not taken by a write: every process's
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (path / _INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        attempt(folder / _INDEX_FILE, lambda: (folder / _INDEX_FILE).write_text(
+            json.dumps(index, indent=2, sort_keys=True) + "\n"))
+    if tokenizer is not None:
+        attempt(folder, lambda: save_tokenizer(tokenizer, folder))
+    generation_config = pathlib.Path(os.fspath(source_dir or ""), "generation_config.json")
+    if source_dir is not None and generation_config.is_file():
+        attempt(folder / generation_config.name, lambda: (
+            folder / generation_config.name).write_bytes(generation_config.read_bytes()))
     config = model.config if dtype is None else model.config.replace(
         param_dtype=jnp.dtype(dtype).name
     )
-    (path / "config.json").write_text(json.dumps(config.to_hf_config(), indent=2, sort_keys=True))
-    if tokenizer is not None:
-        save_tokenizer(tokenizer, path)
-    generation_config = os.path.join(os.fspath(source_dir or ""), "generation_config.json")
-    if source_dir is not None and os.path.isfile(generation_config):
-        (path / "generation_config.json").write_bytes(
-            pathlib.Path(generation_config).read_bytes()
-        )
+    attempt(folder / EXPORT_COMPLETE_FILE, lambda: (folder / EXPORT_COMPLETE_FILE).write_text(
+        json.dumps(config.to_hf_config(), indent=2, sort_keys=True)))
+    if local:
+        attempt(path, lambda: _replace_folder(folder, path))
+    if multihost.any_process(failure is not None):
+        _raise_export_failure(path, failure)
+
+
+def _start_export(folder: epath.Path, fresh: bool) -> None:
+    """The folder an export writes, with no completion mark: made empty when `fresh`, else
+    (in place, on an object store) stripped of config.json and of earlier weight files."""
+    if fresh and folder.exists():
+        folder.rmtree()
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in [folder / EXPORT_COMPLETE_FILE, *folder.glob("model*.safetensors"),
+                folder / _INDEX_FILE]:
+        if old.exists():
+            old.unlink()
+
+
+def _replace_folder(new: epath.Path, path: epath.Path) -> None:
+    """The local folder `new` renamed to `path`; a folder already there is moved aside first and
+    removed after, so it is lost only once `new` is in place."""
+    if not path.exists():
+        new.rename(path)
+        return
+    aside = path.parent / f"{path.name}.old"
+    if aside.exists():
+        aside.rmtree()
+    path.rename(aside)
+    new.rename(path)
+    aside.rmtree()
+
+
+def _raise_export_failure(
+    path: epath.Path, failure: tuple[epath.Path, Exception] | None
+) -> None:
+    """Raises the failure of the export to `path`: process 0's own error when it is a bug, else
+    OSError naming the file and the cause; OSError saying process 0 failed on the others."""
+    if failure is None:
+        raise OSError(f"{path}: process 0 failed to write the export")
+    target, error = failure
+    if not storage.is_storage_error(error):
+        raise error
+    cause = (str(error).strip().splitlines() or [""])[0]
+    raise OSError(
+        f"{target}: writing the export failed: {type(error).__name__}: {cause}"
+    ) from error
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
