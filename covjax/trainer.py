@@ -349,12 +349,6 @@ def _train(config, workdir: epath.Path, mesh, model, task: Task, manager, latest
             {"step": step, "task": task.state(), "seed": config.seed},
         )
 
-    def write(step: int, metrics: dict[str, float]) -> None:
-        """The step's metrics, and a check that no checkpoint save has failed since the last."""
-        with _stop_on_storage_error(manager, step):
-            writer.write(step, metrics)
-            checkpointing.raise_save_errors(manager)
-
     buckets = _prompt_buckets(config.data.max_prompt_length)
     sampler = Sampler(model, mesh=mesh, length_buckets=buckets,
                       slots=slots,
@@ -383,7 +377,7 @@ def _train(config, workdir: epath.Path, mesh, model, task: Task, manager, latest
             metrics[names.TIME_STEP] = time.perf_counter() - t_step
             resp_tokens = float(data.arrays["response_mask"].sum())
             metrics["throughput/tokens_per_s"] = resp_tokens / metrics[names.TIME_STEP]
-            write(step, metrics)
+            _write_step(writer, manager, step, metrics)
             if not all(math.isfinite(metrics.get(k, 0.0))
                        for k in (names.OPTIM_LOSS, names.OPTIM_GRAD_NORM)):
                 raise _stop_run(manager, (
@@ -420,7 +414,7 @@ def _train(config, workdir: epath.Path, mesh, model, task: Task, manager, latest
     if finished and config.train.eval_interval:
         final_rng = jax.random.fold_in(jax.random.fold_in(base_rng, config.train.steps), 1)
         final = task.evaluate(sampler, final_rng, eval_params)
-        write(config.train.steps, final)
+        _write_step(writer, manager, config.train.steps, final)
         records.append({"step": config.train.steps, **final})
     try:
         checkpointing.raise_save_errors(manager, wait=True)
@@ -474,6 +468,25 @@ def _start_metrics(config, workdir: epath.Path, start_step: int) -> MetricsWrite
             raise error
         raise RunFailed(str(error)) from error
     return writer
+
+
+def _write_step(writer: MetricsWriter, manager, step: int, metrics: dict[str, float]) -> None:
+    """The step's metrics, and a check that no checkpoint save has failed since the last. Every
+    process learns whether either failed on any process (process 0 alone writes the metrics) and
+    all stop together with RunFailed, instead of the others waiting for it in the next collective.
+    """
+    failure = None
+    try:
+        writer.write(step, metrics)
+        checkpointing.raise_save_errors(manager)
+    except Exception as error:  # noqa: BLE001 - a storage error is raised below, on every process
+        if not storage.is_storage_error(error):
+            raise
+        logging.info("storage error, re-raised as one line", exc_info=error)
+        failure = f"step {step}: {error}"
+    if multihost.any_process(failure is not None):
+        raise _stop_run(manager, failure or f"step {step}: another process failed to write the "
+                        "metrics or a checkpoint (its log names the file)")
 
 
 def _stop_on_storage_error(manager, step: int):

@@ -355,6 +355,31 @@ def test_a_failed_run_ends_with_its_one_line_without_the_interpreter_shutdown():
     assert (result.returncode, result.stderr) == (1, "FATAL run failed: disk full at /x\n")
 
 
+def test_a_metrics_write_that_fails_on_process_0_stops_every_process(tmp_path, monkeypatch):
+    """A full disk under metrics.jsonl raises on process 0 alone: every process learns it in one
+    agreement and stops with the same step named, none waiting in the next collective."""
+    agreed = []
+
+    class Writer:
+        def write(self, step, metrics):
+            raise OSError(28, "No space left on device", str(tmp_path / "metrics.jsonl"))
+
+    class Manager:
+        def all_steps(self):
+            return [4]
+
+    monkeypatch.setattr(trainer.checkpointing, "raise_save_errors", lambda *a, **k: None)
+    monkeypatch.setattr(trainer.multihost, "any_process", lambda flag: agreed.append(flag) or flag)
+    with pytest.raises(trainer.RunFailed) as error:
+        trainer._write_step(Writer(), Manager(), 5, {})
+    assert str(error.value) == (f"step 5: [Errno 28] No space left on device: "
+                                f"'{tmp_path / 'metrics.jsonl'}'; the last checkpoint, 4, resumes")
+    assert agreed == [True]
+    monkeypatch.setattr(trainer.multihost, "any_process", lambda flag: True)  # not process 0
+    with pytest.raises(trainer.RunFailed, match="step 5: another process failed to write"):
+        trainer._write_step(type("Idle", (), {"write": lambda *a: None})(), Manager(), 5, {})
+
+
 def test_a_metrics_writer_that_fails_on_process_0_stops_every_process(tmp_path, monkeypatch):
     config = load_config("default", "smoke")
     agreed = []
