@@ -321,12 +321,19 @@ def _assert_same_rows(out, ref):
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=2e-6, rtol=0)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_slot_pool_equals_static_batch(qwen, qwen_sampler, temperature):
+@pytest.mark.parametrize(
+    ("name", "temperature"), [("qwen2", 0.0), ("qwen2", 1.0), ("mistral_window4", 0.0)]
+)
+def test_slot_pool_equals_static_batch(hf_models, qwen, qwen_sampler, name, temperature):
     """Rows of 1 to 16 tokens through 3 slots, 1 prefilled at a time: each row's tokens and
-    log-probs are those of the static batch (every row in its own slot from the start)."""
-    ref = qwen_sampler.generate(POOL_PROMPTS, **_pool_case(temperature))
-    sampler = Sampler(qwen[0], length_buckets=(16,), batch_buckets=(16,), slots=3, prefill_rows=1)
+    log-probs are those of the static batch (every row in its own slot from the start); with
+    a sliding window too (each slot's window at its own cache index)."""
+    model, static = qwen[0], qwen_sampler
+    if name != "qwen2":
+        model = from_pretrained(hf_models[name][0], dtype=jnp.float32)
+        static = Sampler(model, length_buckets=(16,), batch_buckets=(16,))
+    ref = static.generate(POOL_PROMPTS, **_pool_case(temperature))
+    sampler = Sampler(model, length_buckets=(16,), batch_buckets=(16,), slots=3, prefill_rows=1)
     out = sampler.generate(POOL_PROMPTS, **_pool_case(temperature))
     _assert_same_rows(out, ref)
     assert len(set(ref.lengths.tolist())) >= 5

@@ -35,6 +35,8 @@ from covjax.sharding import constrain
 _INIT_STD = 0.02  # transformers' initializer_range
 KV = tuple[jax.Array, jax.Array]  # keys, values of all layers [L, B, S, Hkv, Dh]
 Masks = tuple[jax.Array | None, jax.Array | None]  # (visibility [B, 1, T, S], query_valid [B, T])
+# (full attention, sliding window) masks; the second None where no window is shorter than the keys
+LayerMasks = tuple[Masks, Masks | None]
 
 
 def _param(rngs: nnx.Rngs | None, shape, logical_axes, dtype, init: str) -> nnx.Param:
@@ -158,25 +160,34 @@ def _attention_impl(config: ModelConfig, dtype, decoding: bool) -> str:
 
 
 def causal_attention_even(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, implementation: str = "cudnn"
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    implementation: str = "cudnn",
+    local_window_size: tuple[int, int] | None = None,
 ) -> jax.Array:
     """Causal self-attention (T queries over the same T keys) padded to an even length.
 
     cuDNN's fused attention with a mask rejects an odd sequence length, and a training row of
     P + R tokens has P + R - 1 inputs. One extra position at the end changes nothing before it:
     causality hides its key from every real query, and its own query row (sliced off) sees keys,
-    so it produces no NaN in the backward pass.
+    so it produces no NaN in the backward pass. `local_window_size` (left, 0) is passed on.
     """
+    attend = functools.partial(jax.nn.dot_product_attention, is_causal=True,
+                               local_window_size=local_window_size, implementation=implementation)
     length = q.shape[1]
     if mask is None or length % 2 == 0:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                            implementation=implementation)
+        return attend(q, k, v, mask=mask)
     pad = [(0, 0), (0, 1), (0, 0), (0, 0)]
     q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
     mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 1), (0, 1)), constant_values=True)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                       implementation=implementation)
-    return out[:, :length]
+    return attend(q, k, v, mask=mask)[:, :length]
+
+
+def static_layer_slides(config: ModelConfig) -> bool:
+    """Whether tracing knows each layer's `layer_slides` (unstacked layers, or all alike)."""
+    return not config.scan_layers or len(set(config.sliding_layers)) == 1
 
 
 def layer_slides(config: ModelConfig, layer: jax.Array | int | None) -> bool | jax.Array:
@@ -193,21 +204,24 @@ def layer_slides(config: ModelConfig, layer: jax.Array | int | None) -> bool | j
 
 
 def sliding_window_masks(
-    masks: Masks, query_slots: jax.Array, num_keys: int, window: int, sliding: bool | jax.Array
+    masks: Masks, query_slots: jax.Array, num_keys: int, window: int, dense: bool
 ) -> Masks:
-    """`masks` for one layer: causal and, where `sliding`, only keys at slots j with
-    i - window < j <= i for the query at slot i (transformers' sliding_window_causal mask).
+    """`masks` of a sliding layer: the query at slot i sees only the keys at slots j with
+    i - window < j <= i (transformers' sliding_window_causal mask).
 
-    query_slots [B or 1, T] are the queries' slots among the `num_keys` keys. A query whose
+    query_slots [B or 1, T] are the queries' slots among the `num_keys` keys. `dense`: the
+    window is in the returned mask; else the mask stays as given (padding only) and the caller
+    passes the window as dot_product_attention's local_window_size. Either way a query whose
     window holds no visible key gets query_valid False (zeros, never NaN), as a padding query.
     """
     mask, query_valid = masks
+    if not dense and query_valid is None:
+        return masks
     keys = jnp.arange(num_keys)
-    causal = keys <= query_slots[..., None]
-    within = jnp.logical_or(keys > query_slots[..., None] - window, jnp.logical_not(sliding))
-    visible = (causal & within)[:, None]
-    visible = visible if mask is None else mask & visible
-    return visible, None if query_valid is None else jnp.any(visible[:, 0], axis=-1)
+    visible = (keys <= query_slots[..., None]) & (keys > query_slots[..., None] - window)
+    visible = visible[:, None] if mask is None else mask & visible[:, None]
+    query_valid = None if query_valid is None else jnp.any(visible[:, 0], axis=-1)
+    return (visible if dense else mask), query_valid
 
 
 def _write_slots(cache: jax.Array, new: jax.Array, layer, index: jax.Array) -> jax.Array:
@@ -305,7 +319,7 @@ class Block(nnx.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        masks: Masks,
+        masks: LayerMasks,
         kv: KV | None,
         index: jax.Array | None,
         layer: jax.Array | int | None,
@@ -316,20 +330,25 @@ class Block(nnx.Module):
         keys/values at (layer, :, index) with one dynamic_update_slice and attends to k[layer],
         so under lax.scan / while_loop XLA updates the cache in place instead of copying it.
 
-        masks = (mask [B, 1, T, S] bool or None, query_valid [B, T] bool or None). Without a
-        cache the causal mask is implicit (`is_causal`, so cuDNN skips the masked blocks) and
-        `mask` only hides padding keys; with a cache `mask` is the whole visibility pattern.
-        A sliding window shorter than the keys is added here (sliding_window_masks), per `layer`.
+        masks = (full, window) LayerMasks of (mask [B, 1, T, S] bool or None, query_valid [B, T]
+        bool or None), built once by the Transformer. Without a cache the causal mask is implicit
+        (`is_causal`, so cuDNN skips the masked blocks), `mask` only hides padding keys and a
+        sliding layer known at trace time passes its window as `local_window_size` (so cuDNN
+        skips the blocks outside it too); with a cache, or a per-layer choice in a scan, `mask`
+        is the whole visibility pattern.
         """
         c = self.config
-        num_keys = x.shape[1] if kv is None else kv[0].shape[2]
-        if c.sliding_window is not None and num_keys > c.sliding_window:  # else it hides none
-            start = 0 if index is None else jnp.reshape(index, (-1, 1))
-            query_slots = start + jnp.arange(x.shape[1])[None, :]
-            masks = sliding_window_masks(
-                masks, query_slots, num_keys, c.sliding_window, layer_slides(c, layer)
-            )
-        mask, query_valid = masks
+        mask, query_valid, local_window = *masks[0], None
+        if masks[1] is not None:
+            slides = layer_slides(c, layer)
+            if isinstance(slides, bool):
+                mask, query_valid = masks[1] if slides else masks[0]
+                local_window = (c.sliding_window - 1, 0) if slides and kv is None else None
+            else:
+                full, window = masks
+                mask = jnp.where(slides, window[0], True if full[0] is None else full[0])
+                if query_valid is not None:
+                    query_valid = jnp.where(slides, window[1], full[1])
         q = jnp.einsum("btd,dnh->btnh", x, self._w("q_proj"))
         k = jnp.einsum("btd,dnh->btnh", x, self._w("k_proj"))
         v = jnp.einsum("btd,dnh->btnh", x, self._w("v_proj"))
@@ -352,10 +371,12 @@ class Block(nnx.Module):
         if kv is not None and q.shape[1] == 1:
             out = decode_attention(q, *new_kv, layer, mask, impl)
         elif impl == "cudnn" and kv is None:
-            out = causal_attention_even(q, k, v, mask)
+            # cuDNN takes the window with a padding mask (as a bias) from cuDNN 9.10.2 on.
+            out = causal_attention_even(q, k, v, mask, local_window_size=local_window)
         else:
             out = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, is_causal=kv is None, implementation=impl
+                q, k, v, mask=mask, is_causal=kv is None, local_window_size=local_window,
+                implementation=impl,
             )
         if query_valid is not None:
             # A query with no visible key (padding) gets zeros, never NaN.
@@ -379,7 +400,7 @@ class Block(nnx.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        masks: Masks,
+        masks: LayerMasks,
         kv: KV | None = None,
         index: jax.Array | None = None,
         layer: jax.Array | int | None = None,
@@ -512,7 +533,17 @@ class Transformer(nnx.Module):
             masks = (mask, jnp.any(mask[:, 0], axis=-1))
             kv = (cache.k, cache.v)
 
-        x, new_kv = self._run_layers(x, cos, sin, masks, kv, None if cache is None else cache.index)
+        window_masks = None
+        num_keys = t if cache is None else cache.k.shape[2]
+        if c.sliding_window is not None and num_keys > c.sliding_window:  # else it hides none
+            start = 0 if cache is None else jnp.reshape(cache.index, (-1, 1))
+            dense = cache is not None or not static_layer_slides(c)
+            window_masks = sliding_window_masks(
+                masks, start + jnp.arange(t)[None, :], num_keys, c.sliding_window, dense
+            )
+        x, new_kv = self._run_layers(
+            x, cos, sin, (masks, window_masks), kv, None if cache is None else cache.index
+        )
         if cache is not None:
             new_cache = KVCache(k=new_kv[0], v=new_kv[1], key_mask=key_mask, index=cache.index + t)
         return rms_norm(x, self.final_norm[...], c.rms_norm_eps), new_cache
@@ -521,7 +552,7 @@ class Transformer(nnx.Module):
         """The blocks, stacked under lax.scan or as a Python loop; both call the same Block."""
         c = self.config
 
-        def run_block(graphdef, state, x, kv, layer):
+        def run_block(graphdef, layer, state, x, kv):
             return nnx.merge(graphdef, state)(x, cos, sin, masks, kv, index, layer)
 
         # The all-layer cache rides in the carry (not as scan xs/ys, nor rebuilt with jnp.stack)
@@ -531,12 +562,13 @@ class Transformer(nnx.Module):
             step = _remat(functools.partial(run_block, graphdef), c.remat, in_scan=True)
 
             def body(carry, xs):
-                return step(xs[0], *carry, xs[1]), None
+                return step(xs[1], xs[0], *carry), None
 
             layers = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
             return jax.lax.scan(body, (x, kv), (state, layers))[0]
         for i, block in enumerate(self.layers):
             graphdef, state = nnx.split(block)
-            step = _remat(functools.partial(run_block, graphdef), c.remat, in_scan=False)
-            x, kv = step(state, x, kv, i)
+            # the layer index is bound, not an argument, so remat keeps it a Python int
+            step = _remat(functools.partial(run_block, graphdef, i), c.remat, in_scan=False)
+            x, kv = step(state, x, kv)
         return x, kv
