@@ -52,12 +52,6 @@ class CheckpointError(OSError):
     the message names the folder and the cause."""
 
 
-def _one_line(error: BaseException) -> str:
-    """An exception as one line: its type and the first line of its message."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
-
-
 @contextlib.contextmanager
 def storage_errors(workdir: epath.Path) -> Iterator[None]:
     """Re-raises a failure of the storage layer in the block (storage.is_storage_error: no
@@ -65,7 +59,8 @@ def storage_errors(workdir: epath.Path) -> Iterator[None]:
     line naming the workdir, with the storage layer's own message. A ConfigError of the block,
     and a programming error, pass through."""
     with storage.storage_errors_as(
-        lambda error: ConfigError(f"workdir {workdir}: {_one_line(error)}"), passing=(ConfigError,)
+        lambda error: ConfigError(f"workdir {workdir}: {storage.one_line(error)}"),
+        passing=(ConfigError,),
     ):
         yield
 
@@ -84,7 +79,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, 
         )
     except Exception as error:  # noqa: BLE001 - orbax and tensorstore raise many types
         raise CheckpointError(
-            f"{manager.directory}: saving checkpoint {step} failed: {_one_line(error)}"
+            f"{manager.directory}: saving checkpoint {step} failed: {storage.one_line(error)}"
         ) from error
 
 
@@ -97,7 +92,7 @@ def raise_save_errors(manager: ocp.CheckpointManager, *, wait: bool = False) -> 
             manager.wait_until_finished()  # re-raises the failure of the last save
     except Exception as error:  # noqa: BLE001 - orbax and tensorstore raise many types
         raise CheckpointError(
-            f"{manager.directory}: saving a checkpoint failed: {_one_line(error)}"
+            f"{manager.directory}: saving a checkpoint failed: {storage.one_line(error)}"
         ) from error
 
 
@@ -126,7 +121,7 @@ def restore_newest(manager: ocp.CheckpointManager, like: Any) -> tuple[Any, dict
         try:
             restored, why = restore(manager, step, like), ""
         except Exception as error:  # noqa: BLE001 - whatever the cause, an older one may restore
-            restored, why = None, _one_line(error)
+            restored, why = None, storage.one_line(error)
         if not multihost.any_process(bool(why)):
             return restored
         why = why or "it does not restore on another process"

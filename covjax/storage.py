@@ -67,10 +67,22 @@ def storage_errors_as(
     except passing:
         raise
     except Exception as error:
-        if not is_storage_error(error):
-            raise
-        logging.info("storage error, re-raised as one line", exc_info=error)
-        raise wrap(error) from error
+        raise wrap(kept_storage_error(error)) from error
+
+
+def kept_storage_error(error: Exception) -> Exception:
+    """`error` when it is a storage error (`is_storage_error`), its traceback logged at INFO (the
+    one-line message that reports it hides it); a programming error is raised again."""
+    if not is_storage_error(error):
+        raise error
+    logging.info("storage error, re-raised as one line", exc_info=error)
+    return error
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 class AppendFile:

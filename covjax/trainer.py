@@ -480,10 +480,7 @@ def _write_step(writer: MetricsWriter, manager, step: int, metrics: dict[str, fl
         writer.write(step, metrics)
         checkpointing.raise_save_errors(manager)
     except Exception as error:  # noqa: BLE001 - a storage error is raised below, on every process
-        if not storage.is_storage_error(error):
-            raise
-        logging.info("storage error, re-raised as one line", exc_info=error)
-        failure = f"step {step}: {error}"
+        failure = f"step {step}: {storage.kept_storage_error(error)}"
     if multihost.any_process(failure is not None):
         raise _stop_run(manager, failure or f"step {step}: another process failed to write the "
                         "metrics or a checkpoint (its log names the file)")

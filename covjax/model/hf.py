@@ -554,10 +554,7 @@ def _raise_export_failure(
     target, error = failure
     if not storage.is_storage_error(error):
         raise error
-    cause = (str(error).strip().splitlines() or [""])[0]
-    raise OSError(
-        f"{target}: writing the export failed: {type(error).__name__}: {cause}"
-    ) from error
+    raise OSError(f"{target}: writing the export failed: {storage.one_line(error)}") from error
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
